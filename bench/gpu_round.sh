@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# One GPU round for the fused kd kernels: build (CUDA on), the `gpu` tests, the benchmarks.
+# Everything (logs, JSON lines, environment) lands in OUTDIR.
+#
+#   bash bench/gpu_round.sh OUTDIR [STAGE ...]
+#
+# Stages (default: all, in this order): env build test quick bench full
+#   env    nvidia-smi, versions
+#   build  pip install --no-build-isolation --no-deps -e .  (FASTKD_CUDA=ON; archs: FASTKD_CUDA_ARCHS,
+#          default "80;90")
+#   test   pytest -m gpu tests/test_kd_gpu.py (+ any other gpu-marked tests)
+#   quick  bench/kd_gpu.py --quick: the issue's target point (bf16, N=16384, V=128256, every divergence)
+#   bench  bench/kd.py --device cuda (the shared benchmark, when present)
+#   full   bench/kd_gpu.py over the issue's whole matrix (bf16/fp32 x N {4096,16384} x V {32000,128256,256000})
+# Each stage is a separate command, so a lease with a per-command time limit can run them one by one.
+set -uo pipefail
+OUT=${1:?usage: bash bench/gpu_round.sh OUTDIR [STAGE ...]}
+shift
+STAGES=${*:-env build test quick bench full}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+status=0
+
+run_stage() {  # name, command...: log to OUT/name.log, remember failures, keep going
+  local name=$1
+  shift
+  echo "=== $name: $*" | tee -a "$OUT/round.log"
+  local t0=$(date +%s)
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/round.log"
+  tail -n 5 "$OUT/$name.log" | sed 's/^/    /'
+  [ $rc -eq 0 ] || status=1
+}
+
+for stage in $STAGES; do
+  case $stage in
+    env)
+      run_stage env bash -c "nvidia-smi; nvcc --version; $PY -c 'import torch, sys; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'; $PY -c 'import triton; print(\"triton\", triton.__version__)'; $PY -c 'import liger_kernel; print(\"liger\", liger_kernel.__version__)' || true"
+      ;;
+    build)
+      run_stage build env FASTKD_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -e .
+      run_stage build_check "$PY" -c "import fastkd, fastkd._ext as e, fastkd._ops as o; print('cuda kernels:', e.has_cuda_kernels()); print('impls:', sorted(o._KD_IMPLS)); assert e.has_cuda_kernels()"
+      ;;
+    test)
+      run_stage test "$PY" -m pytest -m gpu -q -x -p no:cacheprovider --junitxml="$OUT/test_gpu.xml" tests/
+      ;;
+    quick)
+      run_stage quick "$PY" bench/kd_gpu.py --quick --out "$OUT/kd_gpu_quick.jsonl"
+      ;;
+    bench)
+      if [ -f bench/kd.py ]; then
+        run_stage bench "$PY" bench/kd.py --device cuda --out "$OUT/kd.jsonl"
+      else
+        echo "=== bench: bench/kd.py not present, skipped" | tee -a "$OUT/round.log"
+      fi
+      ;;
+    full)
+      run_stage full "$PY" bench/kd_gpu.py --out "$OUT/kd_gpu_full.jsonl"
+      ;;
+    *)
+      echo "unknown stage $stage" >&2
+      status=1
+      ;;
+  esac
+done
+exit $status

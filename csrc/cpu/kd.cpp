@@ -1,0 +1,555 @@
+// Fused CPU knowledge-distillation loss: temperature softmaxes of student and teacher, KL(p‖q),
+// KL(q‖p) or JSD(β), the label-smoothed hard cross-entropy, and the gradient w.r.t. both logits,
+// in one sweep per row.
+//
+// Never materialised: p, q, log-probabilities, the softcapped logits, any float32 upcast of a
+// bf16/fp16 row. The only N×V memory written is the gradient itself (input dtype).
+//
+// Passes over each row (DESIGN §3): forward/reverse KL + CE read the row twice (online stats, then
+// the gradient write); JSD three times (its S = KL(q‖m) needs the final normalisers). A row of
+// V = 32000 float32 logits pair is 256 KB, so the second pass mostly hits L2, not DRAM.
+//
+// Preconditions: unit column stride (row strides arbitrary), 64-bit offsets, the divisor is a host
+// scalar. Rows are split statically over OpenMP threads; each thread's row range runs in a function
+// cloned for AVX2+FMA / default x86-64 and picked at load time, so one build runs on any x86-64.
+#include "cpu/kd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTKD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define FASTKD_CLONES
+#endif
+#define FASTKD_INLINE inline __attribute__((always_inline))
+
+namespace fastkd {
+namespace {
+
+constexpr int kChunk = 512;  // elements per chunk: 4 float buffers of 2 KB stay in L1
+
+struct bf16_t {
+  uint16_t bits;
+};
+
+// ----------------------------------------------------------------------------------------------
+// dtype conversions (branch-free so the chunk loops vectorise)
+// ----------------------------------------------------------------------------------------------
+FASTKD_INLINE float to_acc(float x) { return x; }
+FASTKD_INLINE double to_acc(double x) { return x; }
+FASTKD_INLINE float to_acc(bf16_t x) {
+  uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+FASTKD_INLINE float to_acc(_Float16 x) { return static_cast<float>(x); }
+
+FASTKD_INLINE void store(float* o, float g) { *o = g; }
+FASTKD_INLINE void store(double* o, double g) { *o = g; }
+FASTKD_INLINE void store(bf16_t* o, float g) {
+  uint32_t u;
+  std::memcpy(&u, &g, 4);
+  // round to nearest even; a NaN stays a (quiet) NaN instead of rounding into inf
+  uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  o->bits = (g != g) ? uint16_t(0x7fc0) : uint16_t(r);
+}
+FASTKD_INLINE void store(_Float16* o, float g) { *o = static_cast<_Float16>(g); }
+
+// ----------------------------------------------------------------------------------------------
+// Packs: the chunk loops are written once over a "pack" P — 8 floats as a GCC vector (one AVX2
+// register in the haswell clone, two SSE registers in the default one), or a scalar double for
+// float64 inputs. Explicit vectors because GCC's auto-vectoriser gave up on these loops (selects
+// around exp/log), leaving scalar code ~8× slower.
+// ----------------------------------------------------------------------------------------------
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+template <typename To, typename From>
+FASTKD_INLINE To bitcast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bitcast size");
+  To y;
+  std::memcpy(&y, &x, sizeof(To));
+  return y;
+}
+FASTKD_INLINE float i2f(int32_t x) { return float(x); }
+FASTKD_INLINE v8f i2f(v8i x) { return __builtin_convertvector(x, v8f); }
+
+// exp on (−inf, 0] (and NaN): the kernels only ever exponentiate x − max. Cody–Waite reduction and
+// the Cephes degree-6 polynomial (~1 ulp); x < −87 flushes to 0 (no subnormal results).
+template <typename F, typename I>
+FASTKD_INLINE F exp_neg(F x) {
+  const float kLog2e = 1.44269504088896341f, kC1 = 0.693359375f, kC2 = -2.12194440e-4f;
+  const float kShift = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer held in the mantissa
+  F xc = x < -87.0f ? F{} - 87.0f : x;
+  F tn = xc * kLog2e + kShift;
+  F n = tn - kShift;
+  I ni = bitcast<I>(tn) - 0x4B400000;
+  F r = xc - n * kC1;
+  r = r - n * kC2;
+  F p = F{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  F y = p * r * r + r + 1.0f;
+  y = y * bitcast<F>((ni + 127) << 23);
+  y = x < -87.0f ? F{} : y;
+  return (x != x) ? x : y;
+}
+
+// natural log on [0, inf] (NaN passes through): Cephes logf, subnormals lifted by 2^23 first.
+template <typename F, typename I>
+FASTKD_INLINE F log_pos(F x) {
+  const float kInf = std::numeric_limits<float>::infinity();
+  auto sub = x < 1.17549435e-38f;
+  F xs = sub ? x * 8388608.0f : x;
+  I u = bitcast<I>(xs);
+  I e = ((u >> 23) & 0xff) - 126;
+  F m = bitcast<F>((u & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  F ef = i2f(e) - (sub ? F{} + 23.0f : F{});
+  auto lo = m < 0.707106781186547524f;
+  ef = lo ? ef - 1.0f : ef;
+  m = lo ? m + m - 1.0f : m - 1.0f;
+  F z = m * m;
+  F y = F{} + 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  F r = m + y + ef * 0.693359375f;
+  r = (x == 0.0f) ? F{} - kInf : r;
+  r = (x == kInf) ? x : r;
+  r = ((x < 0.0f) | (x != x)) ? F{} + std::numeric_limits<float>::quiet_NaN() : r;
+  return r;
+}
+
+// tanh via exp(−2|x|) (argument <= 0, as exp_neg wants); odd polynomial near 0 where 1 − e cancels.
+template <typename F, typename I>
+FASTKD_INLINE F tanh_f(F x) {
+  F ax = x < 0.0f ? -x : x;
+  F e = exp_neg<F, I>(-2.0f * ax);
+  F big = (1.0f - e) / (1.0f + e);
+  F x2 = ax * ax;
+  F small = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
+  F r = ax < 0.0625f ? small : big;
+  r = x < 0.0f ? -r : r;
+  return (x != x) ? x : r;
+}
+
+// 1 − tanh²(x) = 4e/(1 + e)² with e = exp(−2|x|): no cancellation where tanh saturates (1 − r²
+// from a rounded r = tanh x would lose all accuracy there, and the softcap gradient is this factor).
+template <typename F, typename I>
+FASTKD_INLINE F tanh_deriv(F x) {
+  F ax = x < 0.0f ? -x : x;
+  F e = exp_neg<F, I>(-2.0f * ax);
+  F d = 1.0f + e;
+  return 4.0f * e / (d * d);
+}
+
+template <typename Acc>
+struct Pack;
+template <>
+struct Pack<float> {
+  using T = v8f;
+  static constexpr int W = 8;
+  static FASTKD_INLINE T load(const float* p) {
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    return v;
+  }
+  static FASTKD_INLINE void put(float* p, T v) { std::memcpy(p, &v, sizeof(T)); }
+  static FASTKD_INLINE T set(float x) { return T{} + x; }
+  static FASTKD_INLINE float sum(T v) {
+    float s = 0;
+    for (int i = 0; i < W; ++i) s += v[i];
+    return s;
+  }
+  static FASTKD_INLINE float max(T v) {
+    float m = v[0];
+    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+  static FASTKD_INLINE T exp(T x) { return exp_neg<v8f, v8i>(x); }
+  static FASTKD_INLINE T log(T x) { return log_pos<v8f, v8i>(x); }
+  static FASTKD_INLINE T tanh(T x) { return tanh_f<v8f, v8i>(x); }
+  static FASTKD_INLINE T dtanh(T x) { return tanh_deriv<v8f, v8i>(x); }
+};
+template <>
+struct Pack<double> {
+  using T = double;
+  static constexpr int W = 1;
+  static FASTKD_INLINE T load(const double* p) { return *p; }
+  static FASTKD_INLINE void put(double* p, T v) { *p = v; }
+  static FASTKD_INLINE T set(double x) { return x; }
+  static FASTKD_INLINE double sum(T v) { return v; }
+  static FASTKD_INLINE double max(T v) { return v; }
+  static FASTKD_INLINE T exp(T x) { return std::exp(x); }
+  static FASTKD_INLINE T log(T x) { return std::log(x); }
+  static FASTKD_INLINE T tanh(T x) { return std::tanh(x); }
+  static FASTKD_INLINE T dtanh(T x) {
+    const double e = std::exp(-2.0 * std::fabs(x));
+    return 4.0 * e / ((1.0 + e) * (1.0 + e));
+  }
+};
+
+// log m = log(β·p + (1−β)·q) in the log domain: max + log1p(exp(−|a − b|)), with log1p by
+// Goldberg's trick. Summing p and q in linear space instead turns exp's 1-ulp relative error into an
+// absolute error of log m, which the JSD gradient's (log p − log m − S) then exposes.
+template <typename Acc, typename P = Pack<Acc>>
+FASTKD_INLINE typename P::T log_mix(typename P::T lp, typename P::T lq, Acc log_b, Acc log_b1) {
+  using T = typename P::T;
+  T a = lp + log_b, b = lq + log_b1;
+  T mx = a > b ? a : b, mn = a > b ? b : a;
+  T e = P::exp(mn - mx);
+  T u = 1.0f + e;
+  T l1p = (u == 1.0f) ? e : P::log(u) * e / (u - 1.0f);
+  T lm = mx + l1p;
+  return (mx == neg_inf<Acc>()) ? mx : lm;
+}
+
+template <typename Acc>
+struct Ctx {
+  Acc inv_t;        // 1/τ
+  Acc cap, inv_cap; // softcap (0: none)
+  Acc soft;         // soft_scale / τ: the soft term's gradient factor
+  Acc hard, eps, eps_over_v, beta;
+  Acc inv_div;
+  int div;
+  bool tau_one, use_hard, need_m1, need_sum, teacher_grad;
+};
+
+// Load a chunk into `raw` (softcapped) and `scaled` (/τ); lanes past n up to the pack width are
+// −inf, which every loop below treats as zero probability mass.
+// With `deriv`, also the softcap's derivative 1 − tanh²(x/c) per element.
+template <typename In, typename Acc>
+FASTKD_INLINE int load_chunk(const In* src, int n, const Ctx<Acc>& c, Acc* raw, Acc* scaled,
+                             Acc* deriv = nullptr) {
+  using P = Pack<Acc>;
+  for (int i = 0; i < n; ++i) raw[i] = to_acc(src[i]);
+  const int np = (n + P::W - 1) / P::W * P::W;
+  for (int i = n; i < np; ++i) raw[i] = Acc(0);
+  if (c.cap > Acc(0)) {
+    for (int i = 0; i < np; i += P::W) {
+      typename P::T x = P::load(raw + i) * c.inv_cap;
+      if (deriv != nullptr) P::put(deriv + i, P::dtanh(x));
+      P::put(raw + i, c.cap * P::tanh(x));
+    }
+  }
+  for (int i = n; i < np; ++i) raw[i] = neg_inf<Acc>();
+  for (int i = 0; i < np; i += P::W) P::put(scaled + i, P::load(raw + i) * c.inv_t);
+  return np;
+}
+
+// Online stats of one row slice (DESIGN §3 pass 1). Returns true if any input is NaN.
+template <typename In, typename Acc>
+FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_local, const Ctx<Acc>& c,
+                             RowStats<Acc>& s) {
+  using P = Pack<Acc>;
+  using T = typename P::T;
+  alignas(64) Acc zb[kChunk], tb[kChunk], sz[kChunk], st[kChunk];
+  const Acc ninf = neg_inf<Acc>();
+  s.m_z = s.m_t = s.m_1 = ninf;
+  s.d_z = s.d_t = s.d_1 = s.a_t = s.a_z = s.sum_z = s.z_y = Acc(0);
+  T nanv = P::set(0);
+  for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+    const int n = int(std::min<int64_t>(kChunk, v - j0));
+    load_chunk<In, Acc>(z + j0, n, c, zb, sz);
+    const int np = load_chunk<In, Acc>(t + j0, n, c, tb, st);
+    T cmz = P::set(ninf), cmt = P::set(ninf), cm1 = P::set(ninf);
+    for (int i = 0; i < np; i += P::W) {
+      T a = P::load(sz + i), b = P::load(st + i), r = P::load(zb + i), q = P::load(tb + i);
+      cmz = a > cmz ? a : cmz;
+      cmt = b > cmt ? b : cmt;
+      cm1 = r > cm1 ? r : cm1;
+      nanv = ((r != r) | (q != q)) ? P::set(1) : nanv;
+    }
+    const Acc mz_c = P::max(cmz), mt_c = P::max(cmt), m1_c = P::max(cm1);
+    const Acc mz_new = mz_c > s.m_z ? mz_c : s.m_z, mt_new = mt_c > s.m_t ? mt_c : s.m_t;
+    if (mz_new != s.m_z || mt_new != s.m_t) {
+      shift_kl_sums(s.d_z, s.a_z, s.d_t, s.a_t, s.m_z, s.m_t, mz_new, mt_new);
+      s.m_z = mz_new;
+      s.m_t = mt_new;
+    }
+    const Acc mz = s.m_z, mt = s.m_t;
+    if (mz > ninf && mt > ninf) {
+      T dz = P::set(0), az = P::set(0), dt = P::set(0), at = P::set(0);
+      for (int i = 0; i < np; i += P::W) {
+        T a = P::load(sz + i) - mz, b = P::load(st + i) - mt;  // max-shifted: both <= 0
+        T ez = P::exp(a), et = P::exp(b);
+        dz += ez;
+        dt += et;
+        // 0·log 0 = 0: skip entries with zero mass (and −inf − −inf)
+        az += ez > Acc(0) ? ez * (a - b) : P::set(0);
+        at += et > Acc(0) ? et * (b - a) : P::set(0);
+      }
+      s.d_z += P::sum(dz);
+      s.a_z += P::sum(az);
+      s.d_t += P::sum(dt);
+      s.a_t += P::sum(at);
+    }
+    if (c.need_m1) {
+      if (m1_c > s.m_1) {
+        s.d_1 *= rescale(s.m_1, m1_c);
+        s.m_1 = m1_c;
+      }
+      const Acc m1 = s.m_1;
+      if (m1 > ninf) {
+        T d1 = P::set(0);
+        for (int i = 0; i < np; i += P::W) d1 += P::exp(P::load(zb + i) - m1);
+        s.d_1 += P::sum(d1);
+      }
+    }
+    if (c.need_sum) {
+      Acc sum = 0;
+      for (int i = 0; i < n; ++i) sum += zb[i];
+      s.sum_z += sum;
+    }
+    if (y_local >= j0 && y_local < j0 + n) s.z_y = zb[y_local - j0];
+  }
+  return P::max(nanv) != Acc(0);
+}
+
+// JSD's S_q = Σ q·log(q/m), S_p = Σ p·log(p/m) over a slice, given the row's final normalisers.
+template <typename In, typename Acc>
+FASTKD_INLINE void row_jsd_sums(const In* z, const In* t, int64_t v, const Ctx<Acc>& c,
+                                const RowFinal<Acc>& f, Acc& out_sq, Acc& out_sp) {
+  using P = Pack<Acc>;
+  using T = typename P::T;
+  alignas(64) Acc zb[kChunk], tb[kChunk], sz[kChunk], st[kChunk];
+  const Acc lb = std::log(c.beta), lb1 = std::log1p(-c.beta);
+  T sq = P::set(0), sp = P::set(0);
+  for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+    const int n = int(std::min<int64_t>(kChunk, v - j0));
+    load_chunk<In, Acc>(z + j0, n, c, zb, sz);
+    const int np = load_chunk<In, Acc>(t + j0, n, c, tb, st);
+    for (int i = 0; i < np; i += P::W) {
+      T lq = (P::load(sz + i) - f.m_z) - f.log_dz, lp = (P::load(st + i) - f.m_t) - f.log_dt;
+      T q = P::exp(lq), p = P::exp(lp);
+      T lm = log_mix<Acc>(lp, lq, lb, lb1);
+      sq += q > Acc(0) ? q * (lq - lm) : P::set(0);
+      sp += p > Acc(0) ? p * (lp - lm) : P::set(0);
+    }
+  }
+  out_sq = P::sum(sq);
+  out_sp = P::sum(sp);
+}
+
+// Gradient write of one row slice (the last pass); sq/sp are JSD's S_q/S_p.
+template <typename In, typename Acc>
+FASTKD_INLINE void row_grad(const In* z, const In* t, In* gz, In* gt, int64_t v, int64_t y_local,
+                            const Ctx<Acc>& c, const RowFinal<Acc>& f, Acc sq, Acc sp) {
+  using P = Pack<Acc>;
+  using T = typename P::T;
+  alignas(64) Acc zb[kChunk], tb[kChunk], sz[kChunk], st[kChunk], g[kChunk], h[kChunk];
+  alignas(64) Acc dzc[kChunk], dtc[kChunk];  // softcap derivatives
+  const Acc soft = c.soft, hard = c.use_hard ? c.hard : Acc(0), eps_v = c.eps_over_v;
+  const Acc b = c.beta, b1 = Acc(1) - c.beta;
+  const Acc lb = std::log(c.beta), lb1 = std::log1p(-c.beta);
+  const Acc inv_div = c.inv_div;
+  const bool has_cap = c.cap > Acc(0);
+  const bool want_t = gt != nullptr && c.teacher_grad;
+  const T zero = P::set(0);
+  for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
+    const int n = int(std::min<int64_t>(kChunk, v - j0));
+    load_chunk<In, Acc>(z + j0, n, c, zb, sz, has_cap ? dzc : nullptr);
+    const int np = load_chunk<In, Acc>(t + j0, n, c, tb, st, has_cap ? dtc : nullptr);
+    for (int i = 0; i < np; i += P::W) {
+      T lq = (P::load(sz + i) - f.m_z) - f.log_dz, lp = (P::load(st + i) - f.m_t) - f.log_dt;
+      T q = P::exp(lq), p = P::exp(lp);
+      T gs, ht;
+      if (c.div == kForwardKL) {
+        gs = soft * (q - p);
+        ht = p > Acc(0) ? soft * p * ((lp - lq) - f.kl_pq) : zero;
+      } else if (c.div == kReverseKL) {
+        gs = q > Acc(0) ? soft * q * ((lq - lp) - f.kl_qp) : zero;
+        ht = soft * (p - q);
+      } else {
+        T lm = log_mix<Acc>(lp, lq, lb, lb1);
+        gs = q > Acc(0) ? (soft * b1) * q * ((lq - lm) - sq) : zero;
+        ht = p > Acc(0) ? (soft * b) * p * ((lp - lm) - sp) : zero;
+      }
+      if (hard != Acc(0)) {
+        T sm = c.tau_one ? q : P::exp((P::load(zb + i) - f.m_1) - f.log_d1);
+        gs += hard * (sm - eps_v);
+      }
+      if (has_cap) {
+        gs *= P::load(dzc + i);
+        ht *= P::load(dtc + i);
+      }
+      P::put(g + i, gs * inv_div);
+      P::put(h + i, ht * inv_div);
+    }
+    if (hard != Acc(0) && y_local >= j0 && y_local < j0 + n) {
+      const int k = int(y_local - j0);
+      const Acc capd = has_cap ? dzc[k] : Acc(1);
+      g[k] -= hard * (Acc(1) - c.eps) * capd * inv_div;
+    }
+    for (int i = 0; i < n; ++i) store(gz + j0 + i, g[i]);
+    if (want_t)
+      for (int i = 0; i < n; ++i) store(gt + j0 + i, h[i]);
+  }
+}
+
+template <typename In>
+FASTKD_INLINE void zero_row(In* p, int64_t v) {
+  if (p != nullptr) std::memset(static_cast<void*>(p), 0, sizeof(In) * size_t(v));
+}
+
+template <typename In>
+FASTKD_INLINE void nan_row(In* p, int64_t v) {
+  if (p == nullptr) return;
+  for (int64_t j = 0; j < v; ++j) store(p + j, std::numeric_limits<float>::quiet_NaN());
+}
+
+template <typename In, typename Acc>
+FASTKD_INLINE void run_rows(const KDProblem& P, int64_t r0, int64_t r1) {
+  const KDArgs& a = P.args;
+  Ctx<Acc> c;
+  c.inv_t = Acc(1) / Acc(a.temperature);
+  c.cap = Acc(a.softcap);
+  c.inv_cap = a.softcap > 0 ? Acc(1) / Acc(a.softcap) : Acc(0);
+  c.soft = Acc(a.soft_scale) / Acc(a.temperature);
+  c.hard = Acc(a.hard_weight);
+  c.eps = Acc(a.label_smoothing);
+  c.eps_over_v = c.eps / Acc(P.vocab_total);
+  c.beta = Acc(a.beta);
+  c.inv_div = P.divisor ? Acc(1) / *static_cast<const Acc*>(P.divisor) : Acc(1);
+  c.div = a.divergence;
+  c.tau_one = a.temperature == 1.0f;
+  c.use_hard = a.has_target && a.hard_weight != 0.0f;
+  c.need_m1 = c.use_hard && !c.tau_one;
+  c.need_sum = c.use_hard && a.label_smoothing > 0.0f;
+  c.teacher_grad = P.grad_t != nullptr;
+  const int64_t v = P.v;
+  const Acc nan = std::numeric_limits<Acc>::quiet_NaN();
+
+  for (int64_t r = r0; r < r1; ++r) {
+    const In* z = static_cast<const In*>(P.z) + r * P.stride_z;
+    const In* t = static_cast<const In*>(P.t) + r * P.stride_t;
+    In* gz = P.grad_z ? static_cast<In*>(P.grad_z) + r * P.stride_gz : nullptr;
+    In* gt = P.grad_t ? static_cast<In*>(P.grad_t) + r * P.stride_gt : nullptr;
+    Acc* loss = P.loss ? static_cast<Acc*>(P.loss) + r : nullptr;
+
+    bool ignored = false, bad_target = false;
+    int64_t y_local = -1;
+    if (a.has_target) {
+      const int64_t y = P.target[r];
+      ignored = (y == a.ignore_index);
+      bad_target = !ignored && (y < 0 || y >= P.vocab_total);
+      if (!ignored && !bad_target) y_local = y - P.col_offset;  // outside [0, v): another slice
+    }
+
+    if (P.mode == kStats) {
+      Acc* so = static_cast<Acc*>(P.stats_out) + r * kStatsWidth;
+      RowStats<Acc> s;
+      bool has_nan = row_stats<In, Acc>(z, t, v, y_local, c, s);
+      std::memcpy(so, &s, sizeof(RowStats<Acc>));
+      so[kStatsWidth - 1] = has_nan ? Acc(1) : Acc(0);
+      continue;
+    }
+    if (ignored) {  // contributes nothing, not even NaN
+      if (loss) *loss = Acc(0);
+      if (P.mode == kJSDSums) {
+        Acc* jo = static_cast<Acc*>(P.jsd_out) + 2 * r;
+        jo[0] = jo[1] = Acc(0);
+      } else {
+        zero_row(gz, v);
+        zero_row(gt, v);
+      }
+      continue;
+    }
+
+    RowStats<Acc> s;
+    bool has_nan;
+    if (P.mode == kFused) {
+      has_nan = row_stats<In, Acc>(z, t, v, y_local, c, s);
+    } else {
+      const Acc* si = static_cast<const Acc*>(P.stats_in) + r * kStatsWidth;
+      std::memcpy(&s, si, sizeof(RowStats<Acc>));
+      has_nan = si[kStatsWidth - 1] != Acc(0);
+    }
+    RowFinal<Acc> f = finalize(s, a, P.vocab_total, c.tau_one);
+
+    Acc sq = 0, sp = 0;
+    if (c.div == kJSD) {
+      if (P.mode == kFused || P.mode == kJSDSums) row_jsd_sums<In, Acc>(z, t, v, c, f, sq, sp);
+      if (P.mode == kJSDSums) {
+        Acc* jo = static_cast<Acc*>(P.jsd_out) + 2 * r;
+        jo[0] = sq;
+        jo[1] = sp;
+        continue;
+      }
+      if (P.mode == kFinish) {
+        const Acc* ji = static_cast<const Acc*>(P.jsd_in) + 2 * r;
+        sq = ji[0];
+        sp = ji[1];
+      }
+    }
+    Acc dsoft = c.div == kForwardKL ? f.kl_pq
+              : c.div == kReverseKL ? f.kl_qp
+                                    : c.beta * sp + (Acc(1) - c.beta) * sq;
+    if (c.div == kJSD && dsoft < Acc(0)) dsoft = Acc(0);
+    Acc row = Acc(a.soft_scale) * dsoft + (c.use_hard ? c.hard * f.ce : Acc(0));
+    if (has_nan || bad_target) row = nan;
+    if (loss) *loss = row * c.inv_div;
+    if (bad_target) {
+      nan_row(gz, v);
+      nan_row(gt, v);
+      continue;
+    }
+    if (gz != nullptr) row_grad<In, Acc>(z, t, gz, gt, v, y_local, c, f, sq, sp);
+  }
+}
+
+// One cloned entry per dtype: the whole per-row body is inlined here and compiled once per ISA.
+FASTKD_CLONES void rows_f32(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<float, float>(P, r0, r1); }
+FASTKD_CLONES void rows_bf16(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<bf16_t, float>(P, r0, r1); }
+FASTKD_CLONES void rows_f16(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<_Float16, float>(P, r0, r1); }
+void rows_f64(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<double, double>(P, r0, r1); }
+
+}  // namespace
+
+void kd_run_cpu(const KDProblem& P) {
+  void (*fn)(const KDProblem&, int64_t, int64_t) = nullptr;
+  switch (P.dtype) {
+    case kF32: fn = rows_f32; break;
+    case kF64: fn = rows_f64; break;
+    case kBF16: fn = rows_bf16; break;
+    case kF16: fn = rows_f16; break;
+    default: return;
+  }
+  const int64_t n = P.n;
+  if (n <= 0) return;
+  int nt = P.num_threads > 0 ? P.num_threads : 1;
+  if (nt > n) nt = int(n);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    // Static contiguous row blocks: each thread streams its own rows (no false sharing on loss[]
+    // beyond the block edges, deterministic results independent of scheduling).
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    const int64_t r0 = n * tid / nth, r1 = n * (tid + 1) / nth;
+    fn(P, r0, r1);
+  }
+#else
+  fn(P, 0, n);
+#endif
+}
+
+}  // namespace fastkd

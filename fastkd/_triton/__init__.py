@@ -1,0 +1,1 @@
+"""Triton kernels (optional: imported lazily, never needed to import fastkd)."""

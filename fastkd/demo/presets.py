@@ -1,0 +1,78 @@
+"""Demo presets: sizes and budgets. ``default`` fits in a few minutes on 2 CPU cores, ``tiny`` is the
+CI smoke test, ``gpu`` is a larger vocabulary and model for one GPU."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple
+
+from .models import ModelSpec
+
+ALL_RUNS = ("ce", "kd", "cache_topk", "cache_sample")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    max_chars: int            # corpus size (characters of pydoc topics + stdlib sources)
+    vocab_size: int
+    seq_len: int
+    teacher: ModelSpec
+    student: ModelSpec
+    teacher_steps: int
+    teacher_lr: float
+    batch_size: int           # sequences per optimizer step (all runs)
+    student_steps: int        # the common budget of every student run
+    student_lr: float
+    transfer_blocks: int      # sequences the students train on (epochs = steps * batch / this)
+    heldout_blocks: int       # held-out sequences for loss / perplexity / ECE
+    eval_every: int
+    grad_accum: int = 1
+    temperature: float = 1.0
+    soft_weight: float = 1.0  # KD runs: soft_weight * KL + hard_weight * CE
+    hard_weight: float = 0.0
+    kd_chunk_size: Optional[int] = None  # token rows per chunk of fused_linear_kd_loss (None: auto)
+    topk: int = 64
+    num_samples: int = 50
+    device: str = "cpu"
+    autocast_bf16: bool = False
+    seed: int = 1234
+    runs: Tuple[str, ...] = field(default=ALL_RUNS)
+    subpackages: bool = False  # corpus: also the stdlib's packages, not only its top-level modules
+
+    @property
+    def epochs(self) -> float:
+        return self.student_steps * self.batch_size / self.transfer_blocks
+
+
+PRESETS = {
+    "default": Preset(
+        name="default", max_chars=5_200_000, vocab_size=8192, seq_len=128,
+        teacher=ModelSpec(4, 256, 4), student=ModelSpec(2, 128, 4),
+        teacher_steps=100, teacher_lr=3e-3, batch_size=16, student_steps=90, student_lr=3e-3,
+        transfer_blocks=360, heldout_blocks=48, eval_every=10, kd_chunk_size=256),
+    "tiny": Preset(
+        name="tiny", max_chars=400_000, vocab_size=1024, seq_len=32,
+        teacher=ModelSpec(2, 64, 2), student=ModelSpec(1, 32, 2),
+        teacher_steps=40, teacher_lr=5e-3, batch_size=8, student_steps=12, student_lr=5e-3,
+        transfer_blocks=32, heldout_blocks=8, eval_every=4, grad_accum=2, topk=16, num_samples=20),
+    "gpu": Preset(
+        name="gpu", max_chars=40_000_000, subpackages=True, vocab_size=32000, seq_len=256,
+        teacher=ModelSpec(8, 512, 8), student=ModelSpec(4, 256, 4),
+        teacher_steps=1500, teacher_lr=1.5e-3, batch_size=32, student_steps=600, student_lr=2e-3,
+        transfer_blocks=4800, heldout_blocks=256, eval_every=50, device="cuda", autocast_bf16=True),
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    preset = PRESETS[name]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "runs" in overrides:
+        bad = [r for r in overrides["runs"] if r not in ALL_RUNS]
+        if bad:
+            raise ValueError(f"runs must be drawn from {ALL_RUNS}, got {bad}")
+        overrides["runs"] = tuple(overrides["runs"])
+    if overrides.get("vocab_size", preset.vocab_size) < 256 + 1:
+        raise ValueError("vocab_size must be at least 257 (256 bytes + end-of-text)")
+    return replace(preset, **overrides)
