@@ -20,8 +20,10 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 def _xlogy_diff(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """a·(log a − log b) elementwise with 0·log 0 = 0 (and 0 where both log terms are −inf)."""
-    diff = log_a - log_b
-    return torch.where(a > 0, a * diff, torch.zeros_like(a))
+    # Double where: masked entries (−inf − −inf = NaN) must not leak NaN into the gradient either.
+    keep = a > 0
+    diff = torch.where(keep, log_a - log_b, torch.zeros_like(a))
+    return torch.where(keep, a * diff, torch.zeros_like(a))
 
 
 def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -41,7 +43,12 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, b
     if divergence == "reverse_kl":
         return kl_rows(log_q, log_p)
     if divergence == "jsd":
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        # entries with no mass on either side are skipped below; give logaddexp finite inputs there
+        # so its backward does not produce NaN (exp(−inf − −inf))
+        both = torch.isneginf(log_p) & torch.isneginf(log_q)
+        zero = torch.zeros_like(log_p)
+        log_m = torch.logaddexp(torch.where(both, zero, log_p) + math.log(beta),
+                                torch.where(both, zero, log_q) + math.log1p(-beta))
         return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 

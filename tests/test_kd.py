@@ -48,6 +48,7 @@ def assert_close(got, want, rtol=1e-5, atol_frac=1e-6, what="", floor=1e-30):
     is a difference of log-normalisers, so its rounding is relative to them, not to the KL.
     """
     got = got.double()
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN pattern differs from the reference"
     scale = max(want.abs().max().item() if want.numel() else 0.0, floor)
     err = (got - want).abs()
     bound = rtol * want.abs() + atol_frac * max(scale, 1e-30)
@@ -228,6 +229,26 @@ def test_masked_columns(divergence):
     assert torch.all(gs[:, 100:] == 0)
     assert_close(l, L, what="loss")
     assert_close(gs, GS, what="student grad")
+
+
+@requires_cpu
+@pytest.mark.parametrize("divergence", DIVS)
+def test_one_side_masked_in_whole_chunks(divergence):
+    """A teacher (or student) that is −inf over whole 512-column chunks before its first finite
+    value: the other side's sums must still accumulate there."""
+    s, t, y = make(3, 5000, seed=30)
+    t[:, :3000] = -math.inf
+    l = fastkd.kd_loss(s, t, y, hard_weight=0.5, divergence=divergence, reduction="none", backend="cpu")
+    L = fastkd.kd_loss(s.double(), t.double(), y, hard_weight=0.5, divergence=divergence,
+                       reduction="none", backend="torch")
+    assert_close(l, L, what="loss (teacher masked)")
+    s2 = s.clone()
+    s2[:, :3000] = -math.inf
+    y2 = y.clamp(min=3000)
+    l = fastkd.kd_loss(s2, t.clone().fill_(0) + s, y2, divergence=divergence, reduction="none", backend="cpu")
+    L = fastkd.kd_loss(s2.double(), (t.clone().fill_(0) + s).double(), y2, divergence=divergence,
+                       reduction="none", backend="torch")
+    assert_close(l, L, what="loss (student masked)")
 
 
 @requires_cpu

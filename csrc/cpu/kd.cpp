@@ -286,8 +286,10 @@ FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_loca
       s.m_z = mz_new;
       s.m_t = mt_new;
     }
-    const Acc mz = s.m_z, mt = s.m_t;
-    if (mz > ninf && mt > ninf) {
+    // A side with no mass yet (max −inf) is shifted by 0: its terms are exp(−inf) = 0, and the
+    // other side's log-ratio against it is +inf where that side has mass (the true KL).
+    const Acc mz = s.m_z > ninf ? s.m_z : Acc(0), mt = s.m_t > ninf ? s.m_t : Acc(0);
+    {
       T dz = P::set(0), az = P::set(0), dt = P::set(0), at = P::set(0);
       for (int i = 0; i < np; i += P::W) {
         T a = P::load(sz + i) - mz, b = P::load(st + i) - mt;  // max-shifted: both <= 0

@@ -68,8 +68,11 @@ struct Consts {
   bool has_cap, tau_one, use_hard, need_m1, need_sum, teacher_grad;
 };
 
+// log q_j = (s_z,j − m_z) − log_dz, in that order: subtracting a rounded lse_z from s_z would cost
+// ulp(|s_z|) of absolute accuracy in every probability (kd_math.h, RowFinal).
 struct Final {
-  float lse_z, lse_t, lse_1;
+  float m_z, m_t, m_1;
+  float log_dz, log_dt, log_d1;
   float d;       // KL(p‖q) (forward) or KL(q‖p) (reverse): the constant of the gradient formulas
   float sq, sp;  // JSD: KL(q‖m), KL(p‖m)
 };
@@ -118,6 +121,10 @@ __device__ __forceinline__ void store(T* p, const float (&v)[K]) {
 }
 
 // Pass 1 on K elements: one max per chunk, one rescale per chunk, K exps per distribution.
+// The KL sums hold max-shifted log-ratios (kd_math.h): a_t = Σ e_t·((s_t − m_t) − (s_z − m_z)), so
+// a new maximum rescales them and shifts each term by the change of the two maxima
+// (shift_kl_sums). The finite initial maxima keep every shift finite; a side without mass has
+// d = 0, so its shift multiplies 0.
 template <int DIV, int K>
 __device__ __forceinline__ void stats_chunk(RowStats<float>& s, const float (&zr)[K], const float (&tr)[K],
                                             const Consts& c) {
@@ -133,20 +140,22 @@ __device__ __forceinline__ void stats_chunk(RowStats<float>& s, const float (&zr
     mt = fmaxf(mt, st[i]);
   }
   const float fz = fexp(s.m_z - mz), ft = fexp(s.m_t - mt);
+  const float shift = (mt - s.m_t) - (mz - s.m_z);  // change of (s_t − m_t) − (s_z − m_z)
+  if (kAZ) s.a_z = fz * (s.a_z + s.d_z * shift);
+  if (kAT) s.a_t = ft * (s.a_t - s.d_t * shift);
   s.d_z *= fz;
   s.d_t *= ft;
-  if (kAZ) s.a_z *= fz;
-  if (kAT) s.a_t *= ft;
   s.m_z = mz;
   s.m_t = mt;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const float ez = fexp(sz[i] - mz), et = fexp(st[i] - mt);
+    const float uz = sz[i] - mz, ut = st[i] - mt;  // both <= 0
+    const float ez = fexp(uz), et = fexp(ut);
     s.d_z += ez;
     s.d_t += et;
     // 0·log 0 = 0: entries without mass are skipped (−inf − −inf would be NaN)
-    if (kAZ) s.a_z += ez > 0.f ? ez * (sz[i] - st[i]) : 0.f;
-    if (kAT) s.a_t += et > 0.f ? et * (st[i] - sz[i]) : 0.f;
+    if (kAZ) s.a_z += ez > 0.f ? ez * (uz - ut) : 0.f;
+    if (kAT) s.a_t += et > 0.f ? et * (ut - uz) : 0.f;
   }
   if (c.need_m1) {
     float m1 = s.m_1;
@@ -175,7 +184,7 @@ __device__ __forceinline__ void jsd_chunk(float& sq, float& sp, const float (&zr
                                           const Consts& c, const Final& f) {
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const float lq = zr[i] * c.inv_t - f.lse_z, lp = tr[i] * c.inv_t - f.lse_t;
+    const float lq = (zr[i] * c.inv_t - f.m_z) - f.log_dz, lp = (tr[i] * c.inv_t - f.m_t) - f.log_dt;
     const float q = fexp(lq), p = fexp(lp);
     const float lm = jsd_log_m(lq, lp, q, p, c);
     sq += q > 0.f ? q * (lq - lm) : 0.f;
@@ -190,7 +199,7 @@ __device__ __forceinline__ void grad_chunk(float (&g)[K], float (&h)[K], const f
                                            const Consts& c, const Final& f, float inv_div) {
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const float lq = zr[i] * c.inv_t - f.lse_z, lp = tr[i] * c.inv_t - f.lse_t;
+    const float lq = (zr[i] * c.inv_t - f.m_z) - f.log_dz, lp = (tr[i] * c.inv_t - f.m_t) - f.log_dt;
     const float q = fexp(lq), p = fexp(lp);
     float gi, hi;
     if (DIV == kForwardKL) {
@@ -205,7 +214,7 @@ __device__ __forceinline__ void grad_chunk(float (&g)[K], float (&h)[K], const f
       hi = p > 0.f ? c.soft * c.beta * p * ((lp - lm) - f.sp) : 0.f;
     }
     if (c.use_hard) {
-      const float q1 = c.tau_one ? q : fexp(zr[i] - f.lse_1);
+      const float q1 = c.tau_one ? q : fexp((zr[i] - f.m_1) - f.log_d1);
       gi += c.hard * (q1 - c.eps_over_v);
       if (j0 + i == y_local) gi -= c.hard * (1.f - c.eps);
     }
@@ -405,9 +414,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
     }
     const RowFinal<float> rf = finalize(s, a, P.vocab_total, c.tau_one);
     Final f;
-    f.lse_z = rf.lse_z;
-    f.lse_t = rf.lse_t;
-    f.lse_1 = rf.lse_1;
+    f.m_z = rf.m_z;
+    f.m_t = rf.m_t;
+    f.m_1 = rf.m_1;
+    f.log_dz = rf.log_dz;
+    f.log_dt = rf.log_dt;
+    f.log_d1 = rf.log_d1;
     f.d = DIV == kReverseKL ? rf.kl_qp : rf.kl_pq;
     f.sq = f.sp = 0.f;
 
@@ -446,7 +458,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
     // ---- the row's loss ----
     if (threadIdx.x == 0 && loss != nullptr) {
       float dsoft = DIV == kForwardKL ? rf.kl_pq : DIV == kReverseKL ? rf.kl_qp
-                                                                      : a.beta * f.sp + (1.f - a.beta) * f.sq;
+                                                                      : c.beta * f.sp + c.beta1 * f.sq;
       if (DIV == kJSD && dsoft < 0.f) dsoft = 0.f;
       float row = c.soft_scale * dsoft + (c.use_hard ? c.hard * rf.ce : 0.f);
       if (has_nan || bad_target) row = qnan;

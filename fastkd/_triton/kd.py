@@ -106,15 +106,21 @@ def _kd_rows_kernel(
             new_mt = tl.maximum(m_t, tl.max(st, axis=0))
             fz = tl.exp(m_z - new_mz)
             ft = tl.exp(m_t - new_mt)
-            ez = tl.exp(sz - new_mz)
-            et = tl.exp(st - new_mt)
-            d_z = d_z * fz + ez
-            d_t = d_t * ft + et
+            uz = sz - new_mz  # max-shifted, <= 0
+            ut = st - new_mt
+            ez = tl.exp(uz)
+            et = tl.exp(ut)
+            # The KL sums hold max-shifted log-ratios (kd_math.h): a_t = Σ e_t·(u_t − u_z). A new
+            # maximum rescales them and shifts every old term by the change of (u_t − u_z); the
+            # finite initial maxima keep the shift finite, and lanes without mass have d = 0.
+            shift = (new_mt - m_t) - (new_mz - m_z)
             # 0·log 0 = 0: entries without mass are skipped (−inf − −inf would be NaN)
             if DIV == 1:
-                a_z = a_z * fz + tl.where(ez > 0.0, ez * (sz - st), 0.0)
+                a_z = fz * (a_z + d_z * shift) + tl.where(ez > 0.0, ez * (uz - ut), 0.0)
             if DIV == 0:
-                a_t = a_t * ft + tl.where(et > 0.0, et * (st - sz), 0.0)
+                a_t = ft * (a_t - d_t * shift) + tl.where(et > 0.0, et * (ut - uz), 0.0)
+            d_z = d_z * fz + ez
+            d_t = d_t * ft + et
             if USE_HARD:
                 if not TAU_ONE:
                     new_m1 = tl.maximum(m_1, tl.max(zr, axis=0))
@@ -127,13 +133,14 @@ def _kd_rows_kernel(
 
         dz = tl.sum(d_z, axis=0)
         dt = tl.sum(d_t, axis=0)
-        lse_z = m_z + tl.log(dz)
-        lse_t = m_t + tl.log(dt)
+        # log q = (s_z − m_z) − log d_z in that order: s_z − lse_z would lose ulp(|s_z|) absolute
+        log_dz = tl.log(dz)
+        log_dt = tl.log(dt)
         has_nan = (dz != dz) | (dt != dt)
         if DIV == 0:
-            dsoft = tl.maximum(tl.sum(a_t, axis=0) / dt - lse_t + lse_z, 0.0)
+            dsoft = tl.maximum(tl.sum(a_t, axis=0) / dt - log_dt + log_dz, 0.0)
         elif DIV == 1:
-            dsoft = tl.maximum(tl.sum(a_z, axis=0) / dz - lse_z + lse_t, 0.0)
+            dsoft = tl.maximum(tl.sum(a_z, axis=0) / dz - log_dz + log_dt, 0.0)
         else:
             dsoft = 0.0
         s_q = 0.0
@@ -148,8 +155,8 @@ def _kd_rows_kernel(
                 mask = offs < V
                 zr = _softcap(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
                 tr = _softcap(tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-                lq = tl.where(mask, zr * inv_t - lse_z, float("-inf"))
-                lp = tl.where(mask, tr * inv_t - lse_t, float("-inf"))
+                lq = tl.where(mask, (zr * inv_t - m_z) - log_dz, float("-inf"))
+                lp = tl.where(mask, (tr * inv_t - m_t) - log_dt, float("-inf"))
                 q = tl.exp(lq)
                 p = tl.exp(lp)
                 # log(βp + (1−β)q), bounded below by either term's own log (an underflowed m would
@@ -166,13 +173,15 @@ def _kd_rows_kernel(
         row_loss = soft_scale * dsoft
         if USE_HARD:
             if TAU_ONE:
-                lse_1 = lse_z
+                m_h = m_z
+                log_dh = log_dz
             else:
-                lse_1 = m_1 + tl.log(tl.sum(d_1, axis=0))
+                m_h = m_1
+                log_dh = tl.log(tl.sum(d_1, axis=0))
             z_y = _softcap(tl.load(z_row + y_safe).to(tl.float32), cap, inv_cap, HAS_CAP)
-            ce = (1.0 - eps) * (lse_1 - z_y)
+            ce = (1.0 - eps) * ((m_h - z_y) + log_dh)
             if NEED_SUM:
-                ce += eps * (lse_1 - tl.sum(sum_z, axis=0) / V)
+                ce += eps * ((m_h - tl.sum(sum_z, axis=0) / V) + log_dh)
             row_loss += hard * ce
         row_loss = tl.where(has_nan | (~valid_y), float("nan"), row_loss)
         tl.store(loss_ptr + row, row_loss * inv_div)
@@ -184,8 +193,8 @@ def _kd_rows_kernel(
             mask = offs < V
             zr = _softcap(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
             tr = _softcap(tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-            lq = zr * inv_t - lse_z
-            lp = tr * inv_t - lse_t
+            lq = (zr * inv_t - m_z) - log_dz
+            lp = (tr * inv_t - m_t) - log_dt
             q = tl.exp(lq)
             p = tl.exp(lp)
             if DIV == 0:
@@ -203,7 +212,7 @@ def _kd_rows_kernel(
                 if TAU_ONE:
                     q1 = q
                 else:
-                    q1 = tl.exp(zr - lse_1)
+                    q1 = tl.exp((zr - m_h) - log_dh)
                 g += hard * (q1 - eps_over_v)
                 g -= tl.where(offs == y_local, hard * (1.0 - eps), 0.0)
             if HAS_CAP:  # d(c·tanh(x/c))/dx = 1 − tanh², with tanh = capped/c
