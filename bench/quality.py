@@ -125,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--num-samples", type=int, default=50)
     ap.add_argument("--hard-weight", type=float, default=0.5)
     ap.add_argument("--methods", nargs="+", default=["ce", "full", "topk_bucket", "topk_renorm", "sampled"])
+    ap.add_argument("--teacher-ckpt", default=None, help="load the teacher from / save it to this file")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quality.jsonl"))
     args = ap.parse_args(argv)
@@ -138,8 +139,14 @@ def main(argv=None):
     v = args.vocab
 
     teacher = LM(v, 128, 384)
-    train(teacher, batches(train_ids, args.seq, args.batch, args.teacher_steps, seed=1),
-          lambda out, sid, x, y: F.cross_entropy(out.reshape(-1, v), y.reshape(-1)), 3e-3, 1)
+    ckpt = args.teacher_ckpt
+    if ckpt and os.path.exists(ckpt):
+        teacher.load_state_dict(torch.load(ckpt))
+    else:
+        train(teacher, batches(train_ids, args.seq, args.batch, args.teacher_steps, seed=1),
+              lambda out, sid, x, y: F.cross_entropy(out.reshape(-1, v), y.reshape(-1)), 3e-3, 1)
+        if ckpt:
+            torch.save(teacher.state_dict(), ckpt)
     teacher.eval()
     t_ce, t_ece, t_acc = evaluate(teacher, test_ids, args.seq)
     print(f"teacher: held-out CE {t_ce:.4f}  ECE {t_ece:.4f}  ({time.time() - t0:.0f}s)", flush=True)

@@ -115,25 +115,33 @@ def kd_fused(
     has_target: bool,
     teacher_grad: bool,
     backend: str,
+    student_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, v = student.shape
     loss = torch.empty(n, dtype=_acc_dtype(student.dtype), device=student.device)
+    params = KDParams(temperature, soft_scale, hard_weight, divergence, beta, ignore_index,
+                      label_smoothing, softcap, has_target)
+    if not student_grad and not teacher_grad and backend in _NO_GRAD_OK:
+        # no gradient wanted (eval, torch.no_grad): the stats pass alone, nothing N×V written
+        _KD_IMPLS[backend](student, teacher, target, divisor, loss, None, None, params)
+        return loss, student.new_empty((0,)), student.new_empty((0,))
     grad_s = torch.empty_like(student, memory_format=torch.contiguous_format)
     grad_t = (torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad
               else student.new_empty((0,)))
-    params = KDParams(temperature, soft_scale, hard_weight, divergence, beta, ignore_index,
-                      label_smoothing, softcap, has_target)
     _KD_IMPLS[backend](student, teacher, target, divisor, loss, grad_s,
                        grad_t if teacher_grad else None, params)
+    if not student_grad:
+        grad_s = student.new_empty((0,))
     return loss, grad_s, grad_t
 
 
 @kd_fused.register_fake
 def _(student, teacher, target, divisor, temperature, soft_scale, hard_weight, divergence, beta,
-      ignore_index, label_smoothing, softcap, has_target, teacher_grad, backend):
+      ignore_index, label_smoothing, softcap, has_target, teacher_grad, backend, student_grad=True):
     n = student.shape[0]
     loss = student.new_empty((n,), dtype=_acc_dtype(student.dtype))
-    grad_s = torch.empty_like(student, memory_format=torch.contiguous_format)
+    grad_s = (torch.empty_like(student, memory_format=torch.contiguous_format) if student_grad
+              else student.new_empty((0,)))
     grad_t = (torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad
               else student.new_empty((0,)))
     return loss, grad_s, grad_t
@@ -142,8 +150,12 @@ def _(student, teacher, target, divisor, temperature, soft_scale, hard_weight, d
 def _kd_setup_context(ctx, inputs, output):
     _, grad_s, grad_t = output
     ctx.teacher_grad = inputs[13]
+    ctx.student_grad = inputs[15] if len(inputs) > 15 else True
     ctx.save_for_backward(grad_s, grad_t)
     ctx.mark_non_differentiable(grad_s, grad_t)
+    # Otherwise autograd fills the (never used) gradients of the grad_s/grad_t outputs with zeros:
+    # an N×V buffer allocated and written for nothing on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _is_unit(g: torch.Tensor) -> bool:
@@ -171,9 +183,11 @@ def _scale_rows(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def _kd_backward(ctx, g_loss, _g_grad_s, _g_grad_t):
     grad_s, grad_t = ctx.saved_tensors
+    if g_loss is None or not ctx.student_grad:
+        return (None,) * 16
     d_student = _scale_rows(grad_s, g_loss).to(grad_s.dtype)
     d_teacher = _scale_rows(grad_t, g_loss).to(grad_t.dtype) if ctx.teacher_grad else None
-    return (d_student, d_teacher) + (None,) * 13
+    return (d_student, d_teacher) + (None,) * 14
 
 
 torch.library.register_autograd("fastkd::kd_fused", _kd_backward, setup_context=_kd_setup_context)
@@ -186,6 +200,10 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+# Backends whose impl accepts grad_s=None (loss only, no gradient pass).
+_NO_GRAD_OK = {"cpu"}
+
+
 def _cpu_kd_impl(student, teacher, target, divisor, loss, grad_s, grad_t, p: KDParams) -> None:
     C = _ext.C
     C.kd_forward_cpu(
@@ -195,7 +213,8 @@ def _cpu_kd_impl(student, teacher, target, divisor, loss, grad_s, grad_t, p: KDP
         # sizes
         student.shape[0], student.shape[1],
         # row strides (elements; the vocabulary dimension is contiguous)
-        student.stride(0), teacher.stride(0), grad_s.stride(0), 0 if grad_t is None else grad_t.stride(0),
+        student.stride(0), teacher.stride(0), 0 if grad_s is None else grad_s.stride(0),
+        0 if grad_t is None else grad_t.stride(0),
         # dtype and scalar settings
         _ext.dtype_code(student.dtype), p.temperature, p.soft_scale, p.hard_weight, p.divergence,
         p.beta, p.ignore_index, p.label_smoothing, p.softcap, torch.get_num_threads(),
@@ -242,10 +261,13 @@ def kd_rows(student, teacher, target, divisor, *, temperature, soft_weight, hard
     soft_scale = soft_weight * (temperature * temperature if t2_scale else 1.0)
     has_target = target is not None
     tgt = target if has_target else student.new_empty((0,), dtype=torch.long)
+    grad_on = torch.is_grad_enabled()
+    teacher_grad = grad_on and teacher.requires_grad
+    student_grad = grad_on and (student.requires_grad or teacher_grad)
     loss, _, _ = kd_fused(
         student, teacher, tgt, divisor, float(temperature), float(soft_scale), float(hard_weight),
         DIVERGENCE_CODES[divergence], float(beta), int(ignore_index), float(label_smoothing),
-        float(softcap or 0.0), has_target, bool(teacher.requires_grad), backend)
+        float(softcap or 0.0), has_target, teacher_grad, backend, student_grad)
     return loss
 
 

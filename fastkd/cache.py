@@ -1023,7 +1023,14 @@ class TeacherCache:
                                  f"vocab_size={man['vocab_size']}")
             st = capture(logits, k=man["k"] or 1, temperature=man["temperature"], mode=man["mode"],
                          num_samples=man["num_samples"] or 1, generator=generator, backend=backend)
-            self.write([sids[i] for i in todo], st)
+            # A batch may hold one sample twice: store its first occurrence.
+            first: Dict[int, int] = {}
+            for j, i in enumerate(todo):
+                first.setdefault(sids[i], j)
+            keep = sorted(first.values())
+            if len(keep) != len(todo):
+                st = st[torch.tensor(keep, dtype=torch.long, device=st.device)]
+            self.write([sids[todo[j]] for j in keep], st)
         return self.read(sids, device=device)
 
     # ---- bookkeeping --------------------------------------------------------------------

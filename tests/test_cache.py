@@ -364,6 +364,9 @@ def test_cache_roundtrip_topk_and_get_or_capture(tmp_path):
     st3 = c.get_or_capture([11, 99, 10, 98], lambda pos: (seen.append(pos.tolist()), logits[[0, 1]])[1])
     assert seen == [[1, 3]] and torch.equal(st3.ids[[1, 3]], ref.ids[[0, 1]])
     assert "bytes/token" in repr(c) and len(c) == 8
+    # a batch holding one missing sample twice stores it once
+    st4 = c.get_or_capture([50, 51, 50], lambda: logits[[0, 1, 0]])
+    assert len(c) == 10 and torch.equal(st4.ids[2], ref.ids[0])
     c.close()
     r = TeacherCache(tmp_path / "c", readonly=True)
     assert torch.equal(r.read([15]).ids, ref.ids[[5]])

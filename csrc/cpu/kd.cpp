@@ -11,7 +11,7 @@
 //
 // Preconditions: unit column stride (row strides arbitrary), 64-bit offsets, the divisor is a host
 // scalar. Rows are split statically over OpenMP threads; each thread's row range runs in a function
-// cloned for AVX2+FMA / default x86-64 and picked at load time, so one build runs on any x86-64.
+// compiled for AVX2+FMA and for baseline x86-64, picked by CPU features, so one build runs anywhere.
 #include "cpu/kd.h"
 
 #include <algorithm>
@@ -23,10 +23,12 @@
 #include <omp.h>
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTKD_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define FASTKD_CLONES
+// x86-64: every row function is compiled twice, for AVX2+FMA and for the baseline, and picked at
+// run time by CPU features (not by CPU model, which is what target_clones("arch=...") tests: that
+// sent AMD EPYC to the baseline SSE2 code, ~4× slower).
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTKD_X86_DISPATCH 1
+#define FASTKD_AVX2 __attribute__((target("avx2,fma")))
 #endif
 #define FASTKD_INLINE inline __attribute__((always_inline))
 
@@ -231,6 +233,9 @@ struct Ctx {
   Acc hard, eps, eps_over_v, beta;
   Acc inv_div;
   int div;
+  // τ ∈ {2, 4} with a hard term: exp(z − m_1) = exp(s_z − m_z)^τ exactly (z/τ is exact for a power
+  // of two and m_1 = τ·m_z), so the τ = 1 softmax costs two multiplies instead of an exp per pass.
+  int tau_pow;
   bool tau_one, use_hard, need_m1, need_sum, teacher_grad;
 };
 
@@ -267,6 +272,7 @@ FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_loca
   s.m_z = s.m_t = s.m_1 = ninf;
   s.d_z = s.d_t = s.d_1 = s.a_t = s.a_z = s.sum_z = s.z_y = Acc(0);
   T nanv = P::set(0);
+  Acc d1_pow = 0;  // Σ exp(s_z − m_z)^τ for the τ ∈ {2, 4} shortcut
   for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
     const int n = int(std::min<int64_t>(kChunk, v - j0));
     load_chunk<In, Acc>(z + j0, n, c, zb, sz);
@@ -282,6 +288,10 @@ FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_loca
     const Acc mz_c = P::max(cmz), mt_c = P::max(cmt), m1_c = P::max(cm1);
     const Acc mz_new = mz_c > s.m_z ? mz_c : s.m_z, mt_new = mt_c > s.m_t ? mt_c : s.m_t;
     if (mz_new != s.m_z || mt_new != s.m_t) {
+      if (c.tau_pow && s.d_z > Acc(0)) {
+        const Acc f = rescale(s.m_z, mz_new), f2 = f * f;
+        d1_pow *= c.tau_pow == 2 ? f2 : f2 * f2;
+      }
       shift_kl_sums(s.d_z, s.a_z, s.d_t, s.a_t, s.m_z, s.m_t, mz_new, mt_new);
       s.m_z = mz_new;
       s.m_t = mt_new;
@@ -290,7 +300,7 @@ FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_loca
     // other side's log-ratio against it is +inf where that side has mass (the true KL).
     const Acc mz = s.m_z > ninf ? s.m_z : Acc(0), mt = s.m_t > ninf ? s.m_t : Acc(0);
     {
-      T dz = P::set(0), az = P::set(0), dt = P::set(0), at = P::set(0);
+      T dz = P::set(0), az = P::set(0), dt = P::set(0), at = P::set(0), d1 = P::set(0);
       for (int i = 0; i < np; i += P::W) {
         T a = P::load(sz + i) - mz, b = P::load(st + i) - mt;  // max-shifted: both <= 0
         T ez = P::exp(a), et = P::exp(b);
@@ -299,13 +309,18 @@ FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_loca
         // 0·log 0 = 0: skip entries with zero mass (and −inf − −inf)
         az += ez > Acc(0) ? ez * (a - b) : P::set(0);
         at += et > Acc(0) ? et * (b - a) : P::set(0);
+        if (c.tau_pow) {
+          T e2 = ez * ez;
+          d1 += c.tau_pow == 2 ? e2 : e2 * e2;
+        }
       }
       s.d_z += P::sum(dz);
       s.a_z += P::sum(az);
       s.d_t += P::sum(dt);
       s.a_t += P::sum(at);
+      if (c.tau_pow) d1_pow += P::sum(d1);
     }
-    if (c.need_m1) {
+    if (c.need_m1 && !c.tau_pow) {
       if (m1_c > s.m_1) {
         s.d_1 *= rescale(s.m_1, m1_c);
         s.m_1 = m1_c;
@@ -323,6 +338,10 @@ FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_loca
       s.sum_z += sum;
     }
     if (y_local >= j0 && y_local < j0 + n) s.z_y = zb[y_local - j0];
+  }
+  if (c.tau_pow) {
+    s.m_1 = Acc(c.tau_pow) * s.m_z;
+    s.d_1 = d1_pow;
   }
   return P::max(nanv) != Acc(0);
 }
@@ -366,6 +385,7 @@ FASTKD_INLINE void row_grad(const In* z, const In* t, In* gz, In* gt, int64_t v,
   const Acc inv_div = c.inv_div;
   const bool has_cap = c.cap > Acc(0);
   const bool want_t = gt != nullptr && c.teacher_grad;
+  const Acc k_pow = c.tau_pow ? std::exp(Acc(c.tau_pow) * f.log_dz - f.log_d1) : Acc(0);
   const T zero = P::set(0);
   for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
     const int n = int(std::min<int64_t>(kChunk, v - j0));
@@ -387,7 +407,15 @@ FASTKD_INLINE void row_grad(const In* z, const In* t, In* gz, In* gt, int64_t v,
         ht = p > Acc(0) ? (soft * b) * p * ((lp - lm) - sp) : zero;
       }
       if (hard != Acc(0)) {
-        T sm = c.tau_one ? q : P::exp((P::load(zb + i) - f.m_1) - f.log_d1);
+        T sm;
+        if (c.tau_one) {
+          sm = q;
+        } else if (c.tau_pow) {  // softmax(z) = q^τ · d_z^τ / d_1
+          T q2 = q * q;
+          sm = (c.tau_pow == 2 ? q2 : q2 * q2) * k_pow;
+        } else {
+          sm = P::exp((P::load(zb + i) - f.m_1) - f.log_d1);
+        }
         gs += hard * (sm - eps_v);
       }
       if (has_cap) {
@@ -436,6 +464,7 @@ FASTKD_INLINE void run_rows(const KDProblem& P, int64_t r0, int64_t r1) {
   c.tau_one = a.temperature == 1.0f;
   c.use_hard = a.has_target && a.hard_weight != 0.0f;
   c.need_m1 = c.use_hard && !c.tau_one;
+  c.tau_pow = (c.need_m1 && (a.temperature == 2.0 || a.temperature == 4.0)) ? int(a.temperature) : 0;
   c.need_sum = c.use_hard && a.label_smoothing > 0.0f;
   c.teacher_grad = P.grad_t != nullptr;
   const int64_t v = P.v;
@@ -519,23 +548,53 @@ FASTKD_INLINE void run_rows(const KDProblem& P, int64_t r0, int64_t r1) {
   }
 }
 
-// One cloned entry per dtype: the whole per-row body is inlined here and compiled once per ISA.
-FASTKD_CLONES void rows_f32(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<float, float>(P, r0, r1); }
-FASTKD_CLONES void rows_bf16(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<bf16_t, float>(P, r0, r1); }
-FASTKD_CLONES void rows_f16(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<_Float16, float>(P, r0, r1); }
+// One entry per dtype and ISA: the whole per-row body is inlined into each and compiled for it.
+using RowsFn = void (*)(const KDProblem&, int64_t, int64_t);
+void rows_f32(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<float, float>(P, r0, r1); }
+void rows_bf16(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<bf16_t, float>(P, r0, r1); }
+void rows_f16(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<_Float16, float>(P, r0, r1); }
 void rows_f64(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<double, double>(P, r0, r1); }
+#ifdef FASTKD_X86_DISPATCH
+FASTKD_AVX2 void rows_f32_avx2(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<float, float>(P, r0, r1); }
+FASTKD_AVX2 void rows_bf16_avx2(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<bf16_t, float>(P, r0, r1); }
+FASTKD_AVX2 void rows_f16_avx2(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<_Float16, float>(P, r0, r1); }
+FASTKD_AVX2 void rows_f64_avx2(const KDProblem& P, int64_t r0, int64_t r1) { run_rows<double, double>(P, r0, r1); }
+
+bool have_avx2_fma() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+#endif
+
+RowsFn pick_rows(int dtype) {
+#ifdef FASTKD_X86_DISPATCH
+  if (have_avx2_fma()) {
+    switch (dtype) {
+      case kF32: return rows_f32_avx2;
+      case kF64: return rows_f64_avx2;
+      case kBF16: return rows_bf16_avx2;
+      case kF16: return rows_f16_avx2;
+      default: return nullptr;
+    }
+  }
+#endif
+  switch (dtype) {
+    case kF32: return rows_f32;
+    case kF64: return rows_f64;
+    case kBF16: return rows_bf16;
+    case kF16: return rows_f16;
+    default: return nullptr;
+  }
+}
 
 }  // namespace
 
 void kd_run_cpu(const KDProblem& P) {
-  void (*fn)(const KDProblem&, int64_t, int64_t) = nullptr;
-  switch (P.dtype) {
-    case kF32: fn = rows_f32; break;
-    case kF64: fn = rows_f64; break;
-    case kBF16: fn = rows_bf16; break;
-    case kF16: fn = rows_f16; break;
-    default: return;
-  }
+  const RowsFn fn = pick_rows(P.dtype);
+  if (fn == nullptr) return;
   const int64_t n = P.n;
   if (n <= 0) return;
   int nt = P.num_threads > 0 ? P.num_threads : 1;

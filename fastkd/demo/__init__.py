@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never downloads anything
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from .presets import ALL_RUNS, PRESETS, Preset, get_preset  # noqa: E402
+from .presets import ALL_RUNS, KD_ONLY_FIELDS, PRESETS, Preset, get_preset  # noqa: E402
 
 __all__ = ["run_demo", "PRESETS", "Preset", "get_preset", "ALL_RUNS", "default_cache_dir"]
 
@@ -46,6 +46,17 @@ def _versions() -> Dict[str, str]:
         except ImportError:
             pass
     return out
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def _say(msg: str, progress: bool) -> None:
@@ -104,6 +115,8 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
     train_ids = tokenizer.encode_documents(tok, train_docs, os.path.join(tok_dir, "train.npy"))
     held_ids = tokenizer.encode_documents(tok, held_docs, os.path.join(tok_dir, "heldout.npy"))
     vocab = tok.get_vocab_size()
+    if vocab != p.vocab_size:  # a small corpus can end BPE training early: size the models to match
+        p = dataclasses.replace(p, vocab_size=vocab)
     timings["tokenizer_s"] = time.perf_counter() - t0
     train_blocks = tokenizer.blocks(train_ids, p.seq_len)
     held_all = tokenizer.blocks(held_ids, p.seq_len)
@@ -147,7 +160,12 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
             skipped[name] = "fastkd.TeacherCache / capture / sparse_kd_loss are not available in this build"
             _say(f"[fastkd demo] skipping {name}: {skipped[name]}", progress)
             continue
-        rkey = _key(dataclasses.asdict(p), name, tkey, fastkd.__version__, str(dev))
+        settings = dataclasses.asdict(p)
+        settings.pop("runs")
+        if name == "ce":
+            for field in KD_ONLY_FIELDS:
+                settings.pop(field, None)
+        rkey = _key(settings, name, tkey, fastkd.__version__, str(dev))
         rpath = os.path.join(run_dir, f"{name}-{rkey}.json")
         if os.path.exists(rpath) and not force:
             with open(rpath) as fh:
@@ -173,7 +191,7 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
     timings["total_cpu_s"] = time.process_time() - cpu_start  # CPU time of this process, all threads
     summary = {
         "preset": dataclasses.asdict(p), "vocab_size": vocab, "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(), "versions": _versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "corpus": {"fingerprint": fp, "train_docs": len(train_docs), "heldout_docs": len(held_docs),
@@ -189,7 +207,7 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
         print("\n" + table)
         for name, c in comps.items():
             if "gap_to_full_kd" in c:
-                print(f"  {name}: {100 * (1 - c['gap_to_full_kd']):.1f}% of full KD's gain over CE "
+                print(f"  {name}: keeps {100 * (1 - c['gap_to_full_kd']):.1f}% of full KD's gain over CE "
                       f"(target: within {100 * c['gap_target']:.0f}%) -> {'ok' if c['within_target'] else 'MISSED'}")
         print(f"\nteacher held-out loss {tinfo['heldout']['loss']:.4f}; total {timings['total_s']:.0f} s")
         print(f"plot: {plot}\nsummary: {os.path.join(out_dir, 'summary.json')}")

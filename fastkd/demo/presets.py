@@ -8,6 +8,8 @@ from typing import Optional, Tuple
 from .models import ModelSpec
 
 ALL_RUNS = ("ce", "kd", "cache_topk", "cache_sample")
+# Fields that only the distilled runs read: the CE run's cached result stays valid when they change.
+KD_ONLY_FIELDS = ("temperature", "soft_weight", "hard_weight", "kd_chunk_size", "topk", "num_samples", "runs")
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,11 @@ class Preset:
     eval_every: int
     grad_accum: int = 1
     temperature: float = 1.0
-    soft_weight: float = 1.0  # KD runs: soft_weight * KL + hard_weight * CE
-    hard_weight: float = 0.0
+    # KD runs: soft_weight * KL(teacher || student) + hard_weight * CE. The hard term matters for the
+    # top-k cache: without it nothing ranks the tokens outside the stored k (the bucket tail only
+    # fixes their total mass), and with a high-entropy teacher most held-out targets lie there.
+    soft_weight: float = 0.5
+    hard_weight: float = 0.5
     kd_chunk_size: Optional[int] = None  # token rows per chunk of fused_linear_kd_loss (None: auto)
     topk: int = 64
     num_samples: int = 50

@@ -41,7 +41,7 @@ def markdown_table(runs: Dict[str, Dict], comps: Dict[str, Dict]) -> str:
         c = comps.get(name, {})
         gain = c.get("gain_over_ce")
         gain_s = "—" if gain is None else f"{gain:+.4f}"
-        if "gap_to_full_kd" in c:
+        if "gap_to_full_kd" in c and gain > 0:
             gain_s += f" ({100 * (1 - c['gap_to_full_kd']):.0f}% of KD's)"
         rows.append(f"| {r['label']} | {r['heldout_loss']:.4f} | {r['heldout_ppl']:.2f} | {r['ece']:.4f} | "
                     f"{gain_s} | {r['tokens_per_s']:.0f} | {_fmt(r['peak_mem_mib'], '.0f')} | "

@@ -155,8 +155,9 @@ def _callback_class():
     class HeldoutCallback(TrainerCallback):
         """Held-out metrics every ``every`` steps; its own time is kept out of tokens/s."""
 
-        def __init__(self, eval_fn, every: int, label: str, memory: "PeakMemory"):
+        def __init__(self, eval_fn, every: int, label: str, memory: "PeakMemory", verbose: bool):
             self.eval_fn, self.every, self.label, self.memory = eval_fn, every, label, memory
+            self.verbose = verbose
             self.history: List[Dict[str, float]] = []
             self.eval_seconds = 0.0
             self.t_begin = self.t_end = 0.0
@@ -180,6 +181,8 @@ def _callback_class():
                 self.memory.start()
             if state.global_step % self.every == 0 or state.global_step == state.max_steps:
                 self._record(state.global_step, model)
+                if not self.verbose:
+                    return
                 try:
                     from tqdm.auto import tqdm
 
@@ -233,7 +236,7 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
         return evaluate(model, heldout, batch_size=8, device=device, autocast_dtype=autocast)
 
     mem = PeakMemory(device)
-    cb = _callback_class()(eval_fn, preset.eval_every, name, mem)
+    cb = _callback_class()(eval_fn, preset.eval_every, name, mem, progress)
     micro = preset.batch_size // preset.grad_accum
     args = TrainingArguments(
         output_dir=os.path.join(work_dir, "trainer", name), per_device_train_batch_size=micro,
