@@ -52,7 +52,7 @@ for stage in $STAGES; do
       ;;
     bench)
       if [ -f bench/kd.py ]; then
-        run_stage bench "$PY" bench/kd.py --device cuda --out "$OUT/kd.jsonl"
+        run_stage bench "$PY" bench/kd.py --device cuda --dtype bfloat16 float32 --n 4096 16384 --v 32000 128256 --out "$OUT/kd.jsonl"
       else
         echo "=== bench: bench/kd.py not present, skipped" | tee -a "$OUT/round.log"
       fi

@@ -178,7 +178,10 @@ def _scale_rows(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """
     if _is_unit(g):
         return grad
-    return grad * g.unsqueeze(-1).to(grad.dtype if grad.dtype == torch.float64 else torch.float32)
+    # g stays float32: computed per element in float32 and rounded once into the input dtype,
+    # without a float32 N×V temporary.
+    g = g.unsqueeze(-1).to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    return torch.mul(grad, g, out=torch.empty_like(grad))
 
 
 def _kd_backward(ctx, g_loss, _g_grad_s, _g_grad_t):
