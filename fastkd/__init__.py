@@ -1,10 +1,35 @@
 """fastkd: fused, memory-lean knowledge-distillation losses for large-vocabulary outputs."""
+import importlib
+
 from .losses import KDLoss, kd_loss
-from . import methods
-from . import distributed  # vocab-parallel losses; importing needs no process group
-from .linear import fused_linear_kd_loss
-from .cache import SparseTeacher, TeacherCache, capture, sparse_kd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "capture", "SparseTeacher", "sparse_kd_loss", "TeacherCache", "methods", "distributed", "__version__"]
+# Imported on first use (PEP 562): fastkd.linear pulls in torch._dynamo (~1.5 s) for its
+# compiler.disable, and most users of kd_loss need none of these.
+_LAZY = {
+    "fused_linear_kd_loss": ("linear", "fused_linear_kd_loss"),
+    "capture": ("cache", "capture"),
+    "SparseTeacher": ("cache", "SparseTeacher"),
+    "sparse_kd_loss": ("cache", "sparse_kd_loss"),
+    "TeacherCache": ("cache", "TeacherCache"),
+    "methods": ("methods", None),
+    "distributed": ("distributed", None),  # vocab-parallel losses; importing needs no process group
+}
+
+__all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "capture", "SparseTeacher", "sparse_kd_loss",
+           "TeacherCache", "methods", "distributed", "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        mod = importlib.import_module(f".{module}", __name__)
+        value = mod if attr is None else getattr(mod, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -229,11 +229,18 @@ if _ext.has_cpu_kernels():
 
 
 def _load_gpu_impls() -> None:
-    """Triton and CUDA backends register themselves on import; neither import needs a GPU."""
-    try:
-        from ._triton import kd as _tkd  # noqa: F401
-    except Exception:
-        pass
+    """Triton and CUDA backends register themselves on import; neither import needs a GPU.
+
+    Triton is imported only where it can run (a CUDA device, or TRITON_INTERPRET=1): importing it
+    costs ~0.3 s, and it fixes compile-vs-interpret mode at its first import.
+    """
+    import os
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            from ._triton import kd as _tkd  # noqa: F401
+        except Exception:
+            pass
     try:
         from . import _cuda_impls  # noqa: F401
     except Exception:

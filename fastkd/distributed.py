@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from . import _ops
-from .losses import DIVERGENCES, REDUCTIONS, _check_number, _divisor, check_logits
+from .losses import REDUCTIONS, _check_number, _divisor, check_kd_inputs, check_logits
 
 __all__ = ["kd_loss", "sparse_kd_loss", "capture", "shard_stats", "merge_stats", "STATS_WIDTH"]
 
@@ -534,33 +534,11 @@ def kd_loss(
     Returns:
         float32 loss (float64 for float64 inputs), identical on every rank of ``group``.
     """
-    check_logits("student_shard", student_shard)
-    check_logits("teacher_shard", teacher_shard)
-    if teacher_shard.shape != student_shard.shape:
-        raise ValueError(f"teacher_shard must have the student's shape {tuple(student_shard.shape)}, "
-                         f"got {tuple(teacher_shard.shape)}")
-    if teacher_shard.dtype != student_shard.dtype:
-        raise TypeError(f"teacher_shard must have the student's dtype {student_shard.dtype}, "
-                        f"got {teacher_shard.dtype}")
-    if teacher_shard.device != student_shard.device:
-        raise ValueError(f"teacher_shard must be on the student's device {student_shard.device}, "
-                         f"got {teacher_shard.device}")
-    _check_number("temperature", temperature, low=0.0, low_open=True)
-    if math.isinf(temperature):
-        raise ValueError("temperature must be finite")
-    _check_number("soft_weight", soft_weight)
-    _check_number("hard_weight", hard_weight)
-    _check_number("beta", beta, low=0.0, high=1.0)
-    _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    _check_number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if hard_weight != 0.0 and target is None:
-        raise ValueError("hard_weight != 0 needs target (global class ids of shape student_shard.shape[:-1])")
+    check_kd_inputs(student_shard, teacher_shard, target, temperature=temperature,
+                    soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                    softcap=softcap, student_name="student_shard", teacher_name="teacher_shard",
+                    target_what="global class ids")
     _check_int("vocab_start", vocab_start, 0)
     _check_int("vocab_size", vocab_size, 1)
 

@@ -71,6 +71,40 @@ def check_target(target, lead_shape, vocab: int, ignore_index: int, device) -> N
         torch._assert_async(~bad.any(), "fastkd: target value out of range [0, V) and not ignore_index")
 
 
+def check_kd_inputs(student, teacher, target, *, temperature, soft_weight, hard_weight, divergence, beta,
+                    ignore_index, label_smoothing, reduction, softcap, student_name="student_logits",
+                    teacher_name="teacher_logits", target_what="class ids") -> None:
+    """The checks every kd entry point shares (kd_loss, the vocab-parallel kd_loss): logits pair,
+    scalar settings, and that a hard term has a target. Raises ValueError/TypeError naming the
+    argument."""
+    check_logits(student_name, student)
+    check_logits(teacher_name, teacher)
+    if teacher.shape != student.shape:
+        raise ValueError(f"{teacher_name} must have the student's shape {tuple(student.shape)}, "
+                         f"got {tuple(teacher.shape)}")
+    if teacher.dtype != student.dtype:
+        raise TypeError(f"{teacher_name} must have the student's dtype {student.dtype}, got {teacher.dtype}")
+    if teacher.device != student.device:
+        raise ValueError(f"{teacher_name} must be on the student's device {student.device}, "
+                         f"got {teacher.device}")
+    _check_number("temperature", temperature, low=0.0, low_open=True)
+    if math.isinf(temperature):
+        raise ValueError("temperature must be finite")
+    _check_number("soft_weight", soft_weight)
+    _check_number("hard_weight", hard_weight)
+    _check_number("beta", beta, low=0.0, high=1.0)
+    _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    _check_number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if hard_weight != 0.0 and target is None:
+        raise ValueError(f"hard_weight != 0 needs target ({target_what} of shape {student_name}.shape[:-1])")
+
+
 def _divisor(target2d: Optional[torch.Tensor], n_rows: int, reduction: str, num_items, ignore_index: int,
              device, dtype) -> torch.Tensor:
     """0-d tensor the loss rows are divided by: 1 for sum/none, the counted rows (or num_items) for mean."""
@@ -156,33 +190,10 @@ def kd_loss(
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or ``(...)`` for ``reduction="none"``.
     """
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, "
-                         f"got {tuple(teacher_logits.shape)}")
-    if teacher_logits.dtype != student_logits.dtype:
-        raise TypeError(f"teacher_logits must have the student's dtype {student_logits.dtype}, "
-                        f"got {teacher_logits.dtype}")
-    if teacher_logits.device != student_logits.device:
-        raise ValueError(f"teacher_logits must be on the student's device {student_logits.device}, "
-                         f"got {teacher_logits.device}")
-    _check_number("temperature", temperature, low=0.0, low_open=True)
-    if math.isinf(temperature):
-        raise ValueError("temperature must be finite")
-    _check_number("soft_weight", soft_weight)
-    _check_number("hard_weight", hard_weight)
-    _check_number("beta", beta, low=0.0, high=1.0)
-    _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    _check_number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if hard_weight != 0.0 and target is None:
-        raise ValueError("hard_weight != 0 needs target (class ids of shape student_logits.shape[:-1])")
+    check_kd_inputs(student_logits, teacher_logits, target, temperature=temperature,
+                    soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+                    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                    softcap=softcap)
 
     lead_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
