@@ -27,8 +27,8 @@
 #endif
 
 // x86-64: every row function is compiled twice, for AVX2+FMA and for the baseline, and picked at
-// run time by CPU features (not by CPU model, which is what target_clones("arch=...") tests: that
-// sent AMD EPYC to the baseline SSE2 code, ~4× slower).
+// run time from __builtin_cpu_supports("avx2"/"fma"). (target_clones("arch=haswell") resolved to the
+// baseline SSE2 clone on an AMD EPYC VM that has both features: ~10× slower.)
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FASTKD_X86_DISPATCH 1
 #define FASTKD_AVX2 __attribute__((target("avx2,fma")))
