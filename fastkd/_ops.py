@@ -188,8 +188,8 @@ def _kd_backward(ctx, g_loss, _g_grad_s, _g_grad_t):
     grad_s, grad_t = ctx.saved_tensors
     if g_loss is None or not ctx.student_grad:
         return (None,) * 16
-    d_student = _scale_rows(grad_s, g_loss).to(grad_s.dtype)
-    d_teacher = _scale_rows(grad_t, g_loss).to(grad_t.dtype) if ctx.teacher_grad else None
+    d_student = _scale_rows(grad_s, g_loss)
+    d_teacher = _scale_rows(grad_t, g_loss) if ctx.teacher_grad else None
     return (d_student, d_teacher) + (None,) * 14
 
 
@@ -253,31 +253,41 @@ _load_gpu_impls()
 # --------------------------------------------------------------------------------------------
 # Entry used by losses.py
 # --------------------------------------------------------------------------------------------
-def kd_rows(student, teacher, target, divisor, *, temperature, soft_weight, hard_weight, divergence,
-            beta, ignore_index, label_smoothing, t2_scale, softcap, backend):
+def _trl_divergence(divergence: str, beta: float) -> str:
+    """TRL's special cases: JSD with β = 0 / 1 is exactly forward / reverse KL."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        return "forward_kl" if beta == 0.0 else "reverse_kl"
+    return divergence
+
+
+def _kd_params(student, target, *, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+               label_smoothing, t2_scale, softcap):
+    """The kernels' scalar settings and a target tensor (empty when there is none)."""
+    params = KDParams(float(temperature), float(soft_weight * (temperature * temperature if t2_scale else 1.0)),
+                      float(hard_weight), DIVERGENCE_CODES[_trl_divergence(divergence, beta)], float(beta),
+                      int(ignore_index), float(label_smoothing), float(softcap or 0.0), target is not None)
+    tgt = target if target is not None else student.new_empty((0,), dtype=torch.long)
+    return params, tgt
+
+
+def kd_rows(student, teacher, target, divisor, *, backend, **settings):
     """Per-row loss divided by ``divisor`` (a 0-d tensor), differentiable w.r.t. both logits.
 
     ``student``/``teacher`` are 2-D (N, V) with a contiguous vocabulary dimension; ``target`` is
-    (N,) int64 or None. ``backend`` must already be resolved.
+    (N,) int64 or None. ``backend`` must already be resolved; ``settings`` are kd_loss's temperature,
+    soft_weight, hard_weight, divergence, beta, ignore_index, label_smoothing, t2_scale, softcap.
     """
-    if divergence == "jsd" and beta in (0.0, 1.0):  # TRL's special cases
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     if backend == "torch":
-        rows = _reference.kd_loss_rows(
-            student, teacher, target, temperature=temperature, soft_weight=soft_weight,
-            hard_weight=hard_weight, divergence=divergence, beta=beta, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, t2_scale=t2_scale, softcap=softcap)
+        settings = dict(settings, divergence=_trl_divergence(settings["divergence"], settings["beta"]))
+        rows = _reference.kd_loss_rows(student, teacher, target, **settings)
         return rows / divisor.to(rows.dtype)
-    soft_scale = soft_weight * (temperature * temperature if t2_scale else 1.0)
-    has_target = target is not None
-    tgt = target if has_target else student.new_empty((0,), dtype=torch.long)
+    p, tgt = _kd_params(student, target, **settings)
     grad_on = torch.is_grad_enabled()
     teacher_grad = grad_on and teacher.requires_grad
     student_grad = grad_on and (student.requires_grad or teacher_grad)
     loss, _, _ = kd_fused(
-        student, teacher, tgt, divisor, float(temperature), float(soft_scale), float(hard_weight),
-        DIVERGENCE_CODES[divergence], float(beta), int(ignore_index), float(label_smoothing),
-        float(softcap or 0.0), has_target, teacher_grad, backend, student_grad)
+        student, teacher, tgt, divisor, p.temperature, p.soft_scale, p.hard_weight, p.divergence, p.beta,
+        p.ignore_index, p.label_smoothing, p.softcap, p.has_target, teacher_grad, backend, student_grad)
     return loss
 
 
@@ -306,12 +316,6 @@ class _KDInplace(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def kd_rows_inplace(student, teacher, target, divisor, *, temperature, soft_weight, hard_weight,
-                    divergence, beta, ignore_index, label_smoothing, t2_scale, softcap, backend):
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    params = KDParams(float(temperature), float(soft_weight * (temperature ** 2 if t2_scale else 1.0)),
-                      float(hard_weight), DIVERGENCE_CODES[divergence], float(beta), int(ignore_index),
-                      float(label_smoothing), float(softcap or 0.0), target is not None)
-    tgt = target if target is not None else student.new_empty((0,), dtype=torch.long)
+def kd_rows_inplace(student, teacher, target, divisor, *, backend, **settings):
+    params, tgt = _kd_params(student, target, **settings)
     return _KDInplace.apply(student, teacher, tgt, divisor, params, backend)
