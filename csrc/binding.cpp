@@ -172,6 +172,9 @@ void bind_kd_cuda(py::module_& m) {
 
 namespace fastkd {
 void bind_cache_cpu(py::module_& m);  // csrc/cpu/cache_bind.cpp (teacher cache)
+#ifdef FASTKD_WITH_CUDA
+void bind_cache_cuda(py::module_& m);  // csrc/cuda/cache_bind.cpp
+#endif
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -187,5 +190,6 @@ PYBIND11_MODULE(_C, m) {
   fastkd::bind_cache_cpu(m);
 #ifdef FASTKD_WITH_CUDA
   fastkd::bind_kd_cuda(m);
+  fastkd::bind_cache_cuda(m);
 #endif
 }

@@ -1,7 +1,8 @@
-"""The ``backend="cuda"`` implementation: the fused kernels of ``csrc/cuda/kd.cu``.
+"""The ``backend="cuda"`` implementation: the fused kernels of ``csrc/cuda/kd.cu`` and the
+teacher-cache kernels of ``csrc/cuda/cache.cu``.
 
 Registered only when ``fastkd._C`` was compiled with nvcc; importing this module needs no GPU. The
-kernel is enqueued on the caller's current stream of the logits' device and never synchronises.
+kernels are enqueued on the caller's current stream of the logits' device and never synchronise.
 """
 from __future__ import annotations
 
@@ -75,3 +76,79 @@ def scale_rows_(grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 if _ext.has_cuda_kernels() and hasattr(_ext.C, "kd_forward_cuda"):
     register_kd_impl("cuda", cuda_kd_impl)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher cache (csrc/cuda/cache.cu): registered into fastkd._sparse_ops by register_cache_impls,
+# which _sparse_ops calls once its registries exist (this module is first imported by _ops, possibly
+# while _sparse_ops is still initialising).
+# --------------------------------------------------------------------------------------------
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _workspace(nbytes: int, device: torch.device):
+    """Global scratch for sizes whose per-row scratch does not fit shared memory (else None). Freed
+    when the caller returns: the caching allocator hands it out again only to work that is ordered
+    after the kernel on the same stream."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
+
+
+def _check_cache_dtype(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _CACHE_DTYPES:
+        raise TypeError(f"backend='cuda' takes float32, bfloat16 or float16 {name}, got {t.dtype}")
+
+
+def cuda_capture_topk(teacher, k, temperature, ids, values, lse) -> None:
+    """ids (N, k) int64, values (N, k) float32, lse (N,) float32 of a (N, V) teacher (unit column stride)."""
+    _check_cache_dtype(teacher, "teacher logits")
+    n, v = teacher.shape
+    dev, code = _device_index(teacher.device), _ext.dtype_code(teacher.dtype)
+    ws = _workspace(_ext.C.capture_topk_workspace_cuda(n, v, int(k), code, dev), teacher.device)
+    _ext.C.capture_topk_cuda(teacher.data_ptr(), ids.data_ptr(), values.data_ptr(), lse.data_ptr(), _ptr(ws),
+                             n, v, teacher.stride(0), code, float(temperature), int(k), dev,
+                             _stream(teacher.device))
+
+
+def cuda_capture_sample(teacher, uniforms, temperature, ids, counts, lse) -> None:
+    """Unique ids (N, W) int64 ascending + counts (N, W) int32 (padding −1/0), lse (N,) float32."""
+    _check_cache_dtype(teacher, "teacher logits")
+    n, v = teacher.shape
+    u = uniforms.to(device=teacher.device, dtype=torch.float64).contiguous()
+    dev, code = _device_index(teacher.device), _ext.dtype_code(teacher.dtype)
+    ws = _workspace(_ext.C.capture_sample_workspace_cuda(n, v, u.shape[1], code, dev), teacher.device)
+    _ext.C.capture_sample_cuda(teacher.data_ptr(), u.data_ptr(), ids.data_ptr(), counts.data_ptr(), lse.data_ptr(),
+                               _ptr(ws), n, v, teacher.stride(0), code, float(temperature), u.shape[1],
+                               ids.shape[1], dev, _stream(teacher.device))
+
+
+def cuda_sparse_kd(student, ids, weights, target, divisor, loss, grad, tail, temperature, soft_scale, hard_weight,
+                   ignore_index, label_smoothing) -> None:
+    """Loss rows / divisor (N,) float32 and the student gradient (N, V) in the student's dtype."""
+    _check_cache_dtype(student, "student logits")
+    n, v = student.shape
+    device = student.device
+    ids = ids.to(device=device, dtype=torch.int64).contiguous()
+    weights = weights.to(device=device, dtype=torch.float32).contiguous()
+    tgt = None if target is None else target.to(device=device, dtype=torch.int64).contiguous()
+    div = divisor.to(device=device, dtype=torch.float32)
+    dev, code = _device_index(device), _ext.dtype_code(student.dtype)
+    ws = _workspace(_ext.C.sparse_kd_workspace_cuda(n, v, ids.shape[1], code, dev), device)
+    _ext.C.sparse_kd_cuda(student.data_ptr(), ids.data_ptr(), weights.data_ptr(), _ptr(tgt), div.data_ptr(),
+                          loss.data_ptr(), grad.data_ptr(), _ptr(ws), n, v, ids.shape[1], student.stride(0),
+                          grad.stride(0), code, int(tail), float(temperature), float(soft_scale),
+                          float(hard_weight), int(ignore_index), float(label_smoothing), dev, _stream(device))
+
+
+def register_cache_impls() -> None:
+    """Adds "cuda" to the teacher-cache registries of fastkd._sparse_ops (idempotent)."""
+    if not (_ext.has_cuda_kernels() and hasattr(_ext.C, "capture_topk_cuda")):
+        return
+    from . import _sparse_ops
+
+    _sparse_ops._CAPTURE_TOPK_IMPLS["cuda"] = cuda_capture_topk
+    _sparse_ops._CAPTURE_SAMPLE_IMPLS["cuda"] = cuda_capture_sample
+    _sparse_ops._SPARSE_KD_IMPLS["cuda"] = cuda_sparse_kd

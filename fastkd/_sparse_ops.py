@@ -185,3 +185,18 @@ def sparse_kd_rows(student, ids, weights, target, divisor, *, tail, temperature,
     loss, _ = sparse_kd(student, ids, weights, tgt, divisor, int(tail), float(temperature), float(soft_scale),
                         float(hard_weight), int(ignore_index), float(label_smoothing), has_target, backend)
     return loss
+
+
+def _load_cuda_impls() -> None:
+    """The CUDA cache kernels (fastkd/_cuda_impls.py) register once the registries above exist: that
+    module is first imported by _ops, possibly while this one is still initialising."""
+    if _ext.has_cuda_kernels():
+        try:
+            from . import _cuda_impls
+
+            _cuda_impls.register_cache_impls()
+        except Exception:
+            pass
+
+
+_load_cuda_impls()
