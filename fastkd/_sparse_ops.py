@@ -28,6 +28,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def pick_backend(requested: str, device: torch.device, registry: Dict[str, Callable]) -> str:
     """Resolve with ``_ops.resolve_backend``, then fall back to "torch" only for "auto"."""
     resolved = _ops.resolve_backend(requested, device)
+    if resolved == "triton" and resolved not in registry:
+        _load_triton_impls()
     if resolved == "torch" or resolved in registry:
         return resolved
     if requested == "auto":
@@ -185,6 +187,16 @@ def sparse_kd_rows(student, ids, weights, target, divisor, *, tail, temperature,
     loss, _ = sparse_kd(student, ids, weights, tgt, divisor, int(tail), float(temperature), float(soft_scale),
                         float(hard_weight), int(ignore_index), float(label_smoothing), has_target, backend)
     return loss
+
+
+def _load_triton_impls() -> None:
+    """The Triton cache kernels register themselves on import. Imported on first use, once
+    resolve_backend found the dense Triton backend usable (so triton was imported in the right mode)."""
+    if "triton" in _ops._KD_IMPLS:
+        try:
+            from ._triton import cache as _triton_cache  # noqa: F401
+        except ImportError:
+            pass
 
 
 def _load_cuda_impls() -> None:
