@@ -2,8 +2,11 @@
 as one distilled from the full teacher distribution?
 
 Real text: the Python documentation shipped with CPython (``pydoc_data.topics``, ~0.7 MB of English
-prose), word-level vocabulary. A GRU language model is trained as the teacher; then identical
-students (same initialisation, same batches) are trained with
+prose), word-level vocabulary, 90 % / 10 % train / held-out split. A GRU language model is trained on
+the whole training split as the teacher. Each student then sees only a small transfer set (``--student-steps``
+fixed batches) for several epochs — the regime where a cache pays: the teacher's targets are reused
+epoch after epoch, and plain cross-entropy over-fits. Students with the same initialisation and
+batches are trained with
 
     ce           plain cross-entropy on the labels (the baseline)
     full         fastkd.kd_loss against the teacher's full logits
@@ -12,24 +15,29 @@ students (same initialisation, same batches) are trained with
     sampled      fastkd.sparse_kd_loss on a sampled capture (N draws, unbiased)
 
 The sparse targets go through a ``fastkd.TeacherCache`` (``get_or_capture``): the teacher runs once
-per training sequence, later epochs read the stored rows. Reported on the held-out split: mean
-cross-entropy (nats/token), expected calibration error (ECE, 15 bins of top-1 confidence), and each
-method's share of full KD's gain over plain CE.
+per training sequence, later epochs read the stored rows. Every method is repeated over ``--seeds``
+seeds (student initialisation, transfer set, sampling generator); the gain of a method is the held-out
+loss of plain CE minus its own, paired by seed. Reported on the held-out split: mean cross-entropy
+(nats/token), expected calibration error (ECE, 15 bins of top-1 confidence), and each method's share
+of full KD's gain (ratio of the seed-mean gains, ± the standard error of the per-seed ratios).
 
-    python bench/quality.py                   # ~10 minutes on 2 CPU cores
+    python bench/quality.py                   # ~25 minutes on 2 CPU cores (3 seeds)
     python bench/quality.py --smoke           # seconds: a wiring check, numbers meaningless
 
-Results are appended as JSON lines to bench/results/quality.jsonl.
+Results are appended as JSON lines to bench/results/quality.jsonl; the plot (held-out loss per epoch,
+share of full KD's gain) goes to bench/results/quality.png.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -39,6 +47,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import fastkd  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LABELS = {"ce": "plain CE", "full": "full KD (kd_loss)", "topk_bucket": "top-k, bucket tail",
+          "topk_renorm": "top-k, renormalised", "sampled": "sampled"}
+# The cache issue's targets: share of full KD's gain over CE that a cached method must keep.
+TARGETS = {"sampled": 0.98, "topk_bucket": 0.95}
 
 
 def load_corpus(vocab_size):
@@ -66,7 +80,7 @@ class LM(torch.nn.Module):
 
 
 def batches(ids, seq, batch, steps, seed):
-    """Fixed list of (sample_ids, x, y): sample id = start position index, so the cache can key on it."""
+    """Fixed list of (sample_ids, x, y): sample id = window index, so the cache can key on it."""
     g = torch.Generator().manual_seed(seed)
     n_windows = (ids.numel() - 1) // seq
     out = []
@@ -101,16 +115,99 @@ def evaluate(model, ids, seq):
     return ce, ece, correct.mean().item()
 
 
-def train(model, data, loss_fn, lr, epochs):
+def train(model, data, loss_fn, lr, epochs, on_epoch=None, progress=None):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for sid, x, y in data:
             loss = loss_fn(model(x), sid, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if progress is not None:
+                progress.update(1)
+        if on_epoch is not None:
+            on_epoch(epoch, model)
     return model
+
+
+def _bar(total, desc):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    except ImportError:  # pragma: no cover - tqdm is a bench dependency
+        return None
+
+
+def summarise(per_seed, methods):
+    """Per-method seed statistics; gains and shares are paired with the same seed's CE run."""
+    out = {}
+    seeds = sorted(per_seed)
+    for m in methods:
+        ces = [per_seed[s][m]["ce"] for s in seeds if m in per_seed[s]]
+        row = {"method": m, "seeds": len(ces), "ce_mean": statistics.fmean(ces),
+               "ce_std": statistics.stdev(ces) if len(ces) > 1 else 0.0,
+               "ece_mean": statistics.fmean(per_seed[s][m]["ece"] for s in seeds if m in per_seed[s])}
+        if m != "ce" and all("ce" in per_seed[s] for s in seeds):
+            gains = [per_seed[s]["ce"]["ce"] - per_seed[s][m]["ce"] for s in seeds]
+            row["gain_mean"] = statistics.fmean(gains)
+            row["gain_sem"] = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else None
+            if "full" in methods and m != "full":
+                full = [per_seed[s]["ce"]["ce"] - per_seed[s]["full"]["ce"] for s in seeds]
+                row["share_of_full_kd_gain"] = row["gain_mean"] / statistics.fmean(full)
+                ratios = [g / f for g, f in zip(gains, full)]
+                row["share_sem"] = statistics.stdev(ratios) / math.sqrt(len(ratios)) if len(ratios) > 1 else None
+                # gap to full KD, paired: (full − method) gain per seed
+                gaps = [f - g for g, f in zip(gains, full)]
+                row["gap_to_full_mean"] = statistics.fmean(gaps)
+                row["gap_to_full_sem"] = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else None
+                if m in TARGETS:
+                    row["target_share"] = TARGETS[m]
+                    row["meets_target"] = row["share_of_full_kd_gain"] >= TARGETS[m]
+        out[m] = row
+    return out
+
+
+def plot(curves, summary, methods, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for m in methods:
+        per_seed = [c for (s, mm), c in curves.items() if mm == m]
+        if not per_seed:
+            continue
+        epochs = range(1, len(per_seed[0]) + 1)
+        mean = [statistics.fmean(c[e] for c in per_seed) for e in range(len(per_seed[0]))]
+        lo = [min(c[e] for c in per_seed) for e in range(len(per_seed[0]))]
+        hi = [max(c[e] for c in per_seed) for e in range(len(per_seed[0]))]
+        (line,) = ax1.plot(epochs, mean, marker="o", ms=3, label=LABELS.get(m, m))
+        ax1.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.15)
+    ax1.set_xlabel("epoch over the transfer set")
+    ax1.set_ylabel("held-out cross-entropy (nats/token)")
+    ax1.set_title("held-out loss (mean over seeds, band = min–max)")
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    bars = [m for m in methods if "share_of_full_kd_gain" in summary.get(m, {})]
+    if bars:
+        vals = [100 * summary[m]["share_of_full_kd_gain"] for m in bars]
+        errs = [100 * (summary[m].get("share_sem") or 0.0) for m in bars]
+        ax2.bar([LABELS.get(m, m) for m in bars], vals, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
+        ax2.axhline(100, color="k", lw=1, ls="--", label="full KD")
+        for m, t in TARGETS.items():
+            if m in bars:
+                i = bars.index(m)
+                ax2.plot([i - 0.4, i + 0.4], [100 * t, 100 * t], color="tab:red", lw=2,
+                         label="issue target" if i == min(bars.index(x) for x in TARGETS if x in bars) else None)
+        ax2.set_ylabel("% of full KD's held-out gain over CE")
+        ax2.set_title("share of full KD's gain (± s.e. over seeds)")
+        ax2.grid(axis="y", alpha=0.3)
+        ax2.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -118,104 +215,160 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--seq", type=int, default=48)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--teacher-steps", type=int, default=600)
-    ap.add_argument("--student-steps", type=int, default=150, help="distinct batches per epoch")
-    ap.add_argument("--epochs", type=int, default=3, help="student epochs over the same batches")
+    ap.add_argument("--teacher-steps", type=int, default=1200)
+    ap.add_argument("--teacher-hidden", type=int, default=512)
+    ap.add_argument("--student-hidden", type=int, default=128)
+    ap.add_argument("--student-steps", type=int, default=40, help="distinct batches (the transfer set)")
+    ap.add_argument("--epochs", type=int, default=8, help="student epochs over the same batches")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--num-samples", type=int, default=50)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--hard-weight", type=float, default=0.5)
+    ap.add_argument("--soft-weight", type=float, default=None, help="default: 1 − hard weight")
     ap.add_argument("--methods", nargs="+", default=["ce", "full", "topk_bucket", "topk_renorm", "sampled"])
-    ap.add_argument("--teacher-ckpt", default=None, help="load the teacher from / save it to this file")
+    ap.add_argument("--teacher-ckpt", default=None,
+                    help="teacher weights file (default: ./.fastkd_cache/quality-teacher-<settings>.pt, "
+                         "reused when present)")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "quality.jsonl"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "quality.jsonl"))
+    ap.add_argument("--plot", default=os.path.join(HERE, "results", "quality.png"))
     args = ap.parse_args(argv)
     if args.smoke:
-        args.vocab, args.teacher_steps, args.student_steps, args.epochs, args.seq = 500, 5, 3, 1, 16
+        args.vocab, args.teacher_steps, args.student_steps, args.epochs, args.seq = 500, 5, 3, 2, 16
+        args.seeds, args.teacher_hidden = 2, 64
+    if "ce" not in args.methods:
+        args.methods.insert(0, "ce")  # every gain is measured against it
     torch.manual_seed(0)
     t0 = time.time()
     ids, _ = load_corpus(args.vocab)
     split = int(ids.numel() * 0.9)
     train_ids, test_ids = ids[:split], ids[split:]
     v = args.vocab
+    hw = args.hard_weight
+    sw = 1.0 - hw if args.soft_weight is None else args.soft_weight
 
-    teacher = LM(v, 128, 384)
-    ckpt = args.teacher_ckpt
+    teacher = LM(v, 128, args.teacher_hidden)
+    tkey = hashlib.sha1(json.dumps([v, args.seq, args.batch, args.teacher_steps, args.teacher_hidden,
+                                    args.lr]).encode()).hexdigest()[:12]
+    ckpt = args.teacher_ckpt or (None if args.smoke else os.path.join(".fastkd_cache", f"quality-teacher-{tkey}.pt"))
     if ckpt and os.path.exists(ckpt):
         teacher.load_state_dict(torch.load(ckpt))
+        print(f"teacher: loaded {ckpt}", flush=True)
     else:
+        bar = _bar(args.teacher_steps, "teacher")
         train(teacher, batches(train_ids, args.seq, args.batch, args.teacher_steps, seed=1),
-              lambda out, sid, x, y: F.cross_entropy(out.reshape(-1, v), y.reshape(-1)), 3e-3, 1)
+              lambda out, sid, x, y: F.cross_entropy(out.reshape(-1, v), y.reshape(-1)), args.lr, 1,
+              progress=bar)
+        if bar is not None:
+            bar.close()
         if ckpt:
+            os.makedirs(os.path.dirname(ckpt) or ".", exist_ok=True)
             torch.save(teacher.state_dict(), ckpt)
     teacher.eval()
     t_ce, t_ece, t_acc = evaluate(teacher, test_ids, args.seq)
     print(f"teacher: held-out CE {t_ce:.4f}  ECE {t_ece:.4f}  ({time.time() - t0:.0f}s)", flush=True)
 
-    data = batches(train_ids, args.seq, args.batch, args.student_steps, seed=2)
-    hw, sw = args.hard_weight, 1.0 - args.hard_weight
-    tmp = tempfile.mkdtemp(prefix="fastkd-quality-")
-    caches = {
-        "topk": fastkd.TeacherCache(os.path.join(tmp, "topk"), mode="topk", k=args.k, teacher="gru384",
-                                    dataset="pydoc_data.topics", sync=False),
-        "sample": fastkd.TeacherCache(os.path.join(tmp, "sample"), mode="sample", num_samples=args.num_samples,
-                                      teacher="gru384", dataset="pydoc_data.topics", sync=False),
-    }
-    gen = torch.Generator().manual_seed(3)
-
     def teacher_logits(x):
         with torch.no_grad():
             return teacher(x)
 
-    def make_loss(method):
-        def ce(out, sid, x, y):
-            return F.cross_entropy(out.reshape(-1, v), y.reshape(-1))
+    per_seed, curves, bytes_per_token = {}, {}, collections.defaultdict(list)
+    tmp = tempfile.mkdtemp(prefix="fastkd-quality-")
+    total = args.seeds * len(args.methods) * args.student_steps * args.epochs
+    bar = _bar(total, "students")
+    for seed in range(args.seeds):
+        data = batches(train_ids, args.seq, args.batch, args.student_steps, seed=100 + seed)
+        caches = {
+            "topk": fastkd.TeacherCache(os.path.join(tmp, f"topk{seed}"), mode="topk", k=args.k,
+                                        temperature=args.temperature, teacher=f"gru{args.teacher_hidden}",
+                                        dataset="pydoc_data.topics", sync=False),
+            "sample": fastkd.TeacherCache(os.path.join(tmp, f"sample{seed}"), mode="sample",
+                                          num_samples=args.num_samples, temperature=args.temperature,
+                                          teacher=f"gru{args.teacher_hidden}", dataset="pydoc_data.topics",
+                                          sync=False),
+        }
+        gen = torch.Generator().manual_seed(300 + seed)
+        kw = dict(temperature=args.temperature, soft_weight=sw, hard_weight=hw)
 
-        def full(out, sid, x, y):
-            return fastkd.kd_loss(out, teacher_logits(x), y, soft_weight=sw, hard_weight=hw)
+        def make_loss(method):
+            def ce(out, sid, x, y):
+                return F.cross_entropy(out.reshape(-1, v), y.reshape(-1))
 
-        def sparse(cache, tail):
-            def f(out, sid, x, y):
-                st = caches[cache].get_or_capture(sid, lambda: teacher_logits(x), generator=gen)
-                return fastkd.sparse_kd_loss(out, st, y, tail=tail, soft_weight=sw, hard_weight=hw)
-            return f
-        return {"ce": ce, "full": full, "topk_bucket": sparse("topk", "bucket"),
-                "topk_renorm": sparse("topk", "renorm"), "sampled": sparse("sample", "sampled")}[method]
+            def full(out, sid, x, y):
+                return fastkd.kd_loss(out, teacher_logits(x), y, **kw)
 
-    results = {}
-    for method in args.methods:
-        torch.manual_seed(4)  # same student initialisation for every method
-        student = LM(v, 64, 128)
-        t1 = time.time()
-        train(student, data, make_loss(method), 3e-3, args.epochs)
-        ce, ece, acc = evaluate(student, test_ids, args.seq)
-        results[method] = dict(ce=ce, ece=ece, acc=acc, seconds=time.time() - t1)
-        print(f"{method:12s} held-out CE {ce:.4f}  ECE {ece:.4f}  acc {acc:.4f}  ({time.time() - t1:.0f}s)",
-              flush=True)
+            def sparse(cache, tail):
+                def f(out, sid, x, y):
+                    st = caches[cache].get_or_capture(sid, lambda: teacher_logits(x), generator=gen)
+                    return fastkd.sparse_kd_loss(out, st, y, tail=tail, **kw)
+                return f
+            return {"ce": ce, "full": full, "topk_bucket": sparse("topk", "bucket"),
+                    "topk_renorm": sparse("topk", "renorm"), "sampled": sparse("sample", "sampled")}[method]
 
-    base = results.get("ce", {}).get("ce")
-    full_gain = None if base is None or "full" not in results else base - results["full"]["ce"]
+        per_seed[seed] = {}
+        for method in args.methods:
+            torch.manual_seed(1000 + seed)  # same student initialisation for every method of a seed
+            student = LM(v, 64, args.student_hidden)
+            curve = []
+            t1 = time.time()
+            train(student, data, make_loss(method), args.lr, args.epochs,
+                  on_epoch=lambda e, m: curve.append(evaluate(m, test_ids, args.seq)[0]), progress=bar)
+            ce, ece, acc = evaluate(student, test_ids, args.seq)
+            per_seed[seed][method] = dict(ce=ce, ece=ece, acc=acc, seconds=time.time() - t1,
+                                          best_epoch_ce=min(curve))
+            curves[(seed, method)] = curve
+            msg = f"seed {seed} {method:12s} held-out CE {ce:.4f}  ECE {ece:.4f}  acc {acc:.4f}  ({time.time() - t1:.0f}s)"
+            if bar is not None:
+                bar.write(msg)
+            else:
+                print(msg, flush=True)
+        for name, c in caches.items():
+            if c.num_tokens:
+                bytes_per_token[name].append(c.bytes_per_token)
+            c.close()
+    if bar is not None:
+        bar.close()
+
+    summary = summarise(per_seed, args.methods)
     meta = dict(bench="quality", date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, fastkd=fastkd.__version__, corpus="pydoc_data.topics (CPython docs)",
                 vocab=v, seq=args.seq, batch=args.batch, teacher_steps=args.teacher_steps,
-                student_steps=args.student_steps, epochs=args.epochs, k=args.k, num_samples=args.num_samples,
-                hard_weight=hw, teacher_ce=t_ce, teacher_ece=t_ece, smoke=args.smoke,
-                bytes_per_token={n: c.bytes_per_token for n, c in caches.items() if c.num_tokens})
-    rows = []
-    for method, r in results.items():
-        share = None
-        if full_gain and base is not None and method != "ce":
-            share = (base - r["ce"]) / full_gain
-        rows.append({**meta, "method": method, **r, "share_of_full_kd_gain": share})
-    print("\nmethod        held-out CE    ECE     share of full-KD gain")
-    for r in rows:
-        share = "" if r["share_of_full_kd_gain"] is None else f"{100 * r['share_of_full_kd_gain']:.1f}%"
-        print(f"{r['method']:12s}  {r['ce']:.4f}       {r['ece']:.4f}  {share}")
+                teacher=f"GRU-{args.teacher_hidden}", student=f"GRU-{args.student_hidden}",
+                student_steps=args.student_steps, epochs=args.epochs, seeds=args.seeds, k=args.k,
+                num_samples=args.num_samples, temperature=args.temperature, hard_weight=hw, soft_weight=sw,
+                teacher_ce=t_ce, teacher_ece=t_ece, smoke=args.smoke,
+                bytes_per_token={n: statistics.fmean(b) for n, b in bytes_per_token.items()},
+                seconds=time.time() - t0)
+    print(f"\n{args.seeds} seeds; teacher held-out CE {t_ce:.4f}; gains are paired with the same seed's CE run")
+    print("method        held-out CE (± sd)    ECE     gain over CE (± se)   share of full-KD gain (± se)")
+    for m in args.methods:
+        r = summary[m]
+        gain = "" if "gain_mean" not in r else f"{r['gain_mean']:+.4f} ± {r['gain_sem'] or 0:.4f}"
+        share = "" if "share_of_full_kd_gain" not in r else \
+            f"{100 * r['share_of_full_kd_gain']:.1f}% ± {100 * (r['share_sem'] or 0):.1f}"
+        if "target_share" in r:
+            share += f"  (target ≥ {100 * r['target_share']:.0f}%: {'met' if r['meets_target'] else 'missed'})"
+        print(f"{m:12s}  {r['ce_mean']:.4f} ± {r['ce_std']:.4f}     {r['ece_mean']:.4f}  {gain:22s} {share}")
     print("bytes/token:", {n: round(b, 1) for n, b in meta["bytes_per_token"].items()})
     if not args.smoke:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+            for seed, res in per_seed.items():
+                for method, r in res.items():
+                    f.write(json.dumps({**meta, "kind": "run", "seed": seed, "method": method, **r,
+                                        "curve": curves[(seed, method)]}) + "\n")
+            for m, r in summary.items():
+                f.write(json.dumps({**meta, "kind": "summary", **r}) + "\n")
+    if args.plot:
+        path = args.plot if not args.smoke else os.path.join(tmp, "quality.png")
+        plot(curves, summary, args.methods, path,
+             f"word-level LM on the CPython docs, V={v}: GRU-{args.teacher_hidden} teacher (held-out CE "
+             f"{t_ce:.3f}) → GRU-{args.student_hidden} students, {args.student_steps}×{args.batch}×{args.seq} "
+             f"tokens × {args.epochs} epochs, {args.seeds} seeds, k={args.k}, N={args.num_samples}")
+        print("plot:", path)
+    return summary
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from . import _sparse_ops
 from .losses import _check_number, _divisor, _is_compiling, check_logits, check_target
 
 MODES = ("topk", "sample")
+SAMPLINGS = ("iid", "systematic")
 TAILS = ("bucket", "renorm", "sampled")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
@@ -196,7 +197,7 @@ class SparseTeacher:
 # capture
 # ============================================================================================
 def capture(teacher_logits: torch.Tensor, *, k: int = 64, temperature: float = 1.0, mode: str = "topk",
-            num_samples: int = 50, generator: Optional[torch.Generator] = None,
+            num_samples: int = 50, generator: Optional[torch.Generator] = None, sampling: str = "iid",
             backend: str = "auto") -> SparseTeacher:
     r"""One fused pass over teacher logits ``(..., V)`` → :class:`SparseTeacher` of shape ``(...)``.
 
@@ -212,6 +213,13 @@ def capture(teacher_logits: torch.Tensor, *, k: int = 64, temperature: float = 1
     smallest id i whose cumulative probability (vocabulary order) exceeds u; the result keeps unique
     ids (ascending) with their counts, padded with id −1 / count 0 to width ``min(num_samples, V)``.
     ``E[counts / num_samples] = p``; the same generator state gives the same draws.
+
+    ``sampling="systematic"`` replaces the independent uniforms by one stratified comb per row,
+    ``u_j = (j + U) / num_samples`` with ``U = torch.rand(rows, 1, generator=generator,
+    dtype=torch.float64)``: still ``E[counts / num_samples] = p`` exactly (each u_j is uniform on its
+    own stratum), but an id with ``p_i >= 1/num_samples`` is drawn ``floor(N p_i)`` or ``ceil(N p_i)``
+    times instead of Binomial(N, p_i) times, so the stored target is much less noisy (systematic
+    resampling, as in particle filters).
 
     The teacher gets no gradient (capture reads ``teacher_logits.detach()``).
     """
@@ -234,6 +242,8 @@ def capture(teacher_logits: torch.Tensor, *, k: int = 64, temperature: float = 1
             raise TypeError(f"num_samples must be an int, got {type(num_samples).__name__}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -252,7 +262,12 @@ def capture(teacher_logits: torch.Tensor, *, k: int = 64, temperature: float = 1
         ids, values, lse = _sparse_ops.run_capture_topk(t2, k, temperature, resolved)
         return SparseTeacher("topk", ids.reshape(*lead, k), lse.reshape(lead), temperature=temperature,
                              vocab_size=vocab, values=values.reshape(*lead, k))
-    uniforms = torch.rand((t2.shape[0], num_samples), generator=generator, dtype=torch.float64, device=device)
+    if sampling == "iid":
+        uniforms = torch.rand((t2.shape[0], num_samples), generator=generator, dtype=torch.float64, device=device)
+    else:
+        offset = torch.rand((t2.shape[0], 1), generator=generator, dtype=torch.float64, device=device)
+        comb = torch.arange(num_samples, dtype=torch.float64, device=device)
+        uniforms = (comb + offset) / num_samples
     ids, counts, lse = _sparse_ops.run_capture_sample(t2, uniforms, temperature, resolved)
     width = ids.shape[-1]
     return SparseTeacher("sample", ids.reshape(*lead, width), lse.reshape(lead), temperature=temperature,
@@ -514,10 +529,11 @@ class TeacherCache:
 
     Args:
         path: the cache directory (created if missing unless ``readonly``).
-        mode, k, num_samples, temperature, vocab_size, teacher, dataset, values_dtype: the capture
-            settings and provenance. ``None`` takes the manifest's value for an existing cache (the
-            defaults ``"topk"``, 64, 50, 1.0, float16 for a new one; ``vocab_size`` is then taken
-            from the first write). A given value must match an existing manifest.
+        mode, k, num_samples, sampling, temperature, vocab_size, teacher, dataset, values_dtype: the
+            capture settings and provenance (``sampling``: "iid" or "systematic", see :func:`capture`).
+            ``None`` takes the manifest's value for an existing cache (the defaults ``"topk"``, 64,
+            50, "iid", 1.0, float16 for a new one; ``vocab_size`` is then taken from the first
+            write). A given value must match an existing manifest.
         writer: this process's shard name (default ``rank<RANK>`` from the environment, else
             ``rank0``); two live processes with one name is an error.
         readonly: never create or write anything.
@@ -528,7 +544,7 @@ class TeacherCache:
                  num_samples: Optional[int] = None, temperature: Optional[float] = None,
                  vocab_size: Optional[int] = None, teacher: Optional[str] = None, dataset: Optional[str] = None,
                  values_dtype: Union[str, torch.dtype, None] = None, writer: Optional[str] = None,
-                 readonly: bool = False, sync: bool = True):
+                 readonly: bool = False, sync: bool = True, sampling: Optional[str] = None):
         self.path = os.fspath(path)
         self.readonly = bool(readonly)
         self.sync = bool(sync)
@@ -541,6 +557,8 @@ class TeacherCache:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
         if temperature is not None:
             _check_number("temperature", temperature, low=0.0, low_open=True)
+        if sampling is not None and sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
                                        or vocab_size < 1):
             raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
@@ -553,7 +571,8 @@ class TeacherCache:
             raise TypeError(f"values_dtype must be one of {list(_VALUE_DTYPES)}, got {values_dtype!r}")
         self._requested = dict(mode=mode, k=k, num_samples=num_samples,
                                temperature=None if temperature is None else float(temperature),
-                               vocab_size=vocab_size, teacher=teacher, dataset=dataset, values_dtype=values_dtype)
+                               vocab_size=vocab_size, teacher=teacher, dataset=dataset, values_dtype=values_dtype,
+                               sampling=sampling)
         if writer is None:
             writer = "rank" + os.environ.get("RANK", "0")
         if not writer or any(c in writer for c in "/\\\0") or writer.startswith("."):
@@ -586,6 +605,7 @@ class TeacherCache:
             "format": "fastkd-teacher-cache", "format_version": FORMAT_VERSION, "mode": mode,
             "k": (r["k"] or 64) if mode == "topk" else None,
             "num_samples": num_samples if mode == "sample" else None,
+            "sampling": (r["sampling"] or "iid") if mode == "sample" else None,
             "temperature": r["temperature"] if r["temperature"] is not None else 1.0,
             "vocab_size": vocab_size, "teacher": r["teacher"], "dataset": r["dataset"],
             "values_dtype": (r["values_dtype"] or "float16") if mode == "topk" else None,
@@ -608,8 +628,10 @@ class TeacherCache:
             have = man.get(key)
             if key in ("k", "values_dtype") and man.get("mode") != "topk":
                 continue
-            if key == "num_samples" and man.get("mode") != "sample":
+            if key in ("num_samples", "sampling") and man.get("mode") != "sample":
                 continue
+            if key == "sampling":
+                have = have or "iid"  # caches written before the option existed drew i.i.d.
             same = math.isclose(have, want, rel_tol=1e-9) if key == "temperature" and have is not None else have == want
             if not same:
                 bad.append(f"{key}: cache has {have!r}, asked for {want!r}")
@@ -1022,7 +1044,8 @@ class TeacherCache:
                 raise ValueError(f"teacher logits have V={logits.shape[-1]} but {self.manifest_path} says "
                                  f"vocab_size={man['vocab_size']}")
             st = capture(logits, k=man["k"] or 1, temperature=man["temperature"], mode=man["mode"],
-                         num_samples=man["num_samples"] or 1, generator=generator, backend=backend)
+                         num_samples=man["num_samples"] or 1, generator=generator,
+                         sampling=man.get("sampling") or "iid", backend=backend)
             # A batch may hold one sample twice: store its first occurrence.
             first: Dict[int, int] = {}
             for j, i in enumerate(todo):
@@ -1073,7 +1096,8 @@ class TeacherCache:
         man = self.manifest
         if man is None:
             return f"TeacherCache({self.path!r}, empty: no manifest yet)"
-        what = f"k={man['k']}" if man["mode"] == "topk" else f"num_samples={man['num_samples']}"
+        what = f"k={man['k']}" if man["mode"] == "topk" else \
+            f"num_samples={man['num_samples']}, sampling={man.get('sampling') or 'iid'!r}"
         return (f"TeacherCache({self.path!r}, mode={man['mode']!r}, {what}, vocab_size={man['vocab_size']}, "
                 f"temperature={man['temperature']}, teacher={man['teacher']!r}, samples={len(self)}, "
                 f"tokens={self.num_tokens}, bytes/token={self.bytes_per_token:.1f})")

@@ -113,6 +113,60 @@ def test_capture_sample_unbiased_and_deterministic(backend):
     assert freq[-1] == 0.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capture_systematic_sampling(backend):
+    """Stratified comb u_j = (j + U)/N: same draws as the reference on those uniforms, E[count/N] = p,
+    and every id with p_i >= 1/N drawn floor(N p_i) or ceil(N p_i) times (i.i.d. draws are not)."""
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.04, 0.01, 0.0], dtype=torch.float64)
+    rows, n = 4000, 50
+    t = p.log().expand(rows, -1).contiguous()
+    st = capture(t, mode="sample", num_samples=n, sampling="systematic", generator=torch.Generator().manual_seed(5),
+                 backend=backend)
+    st2 = capture(t, mode="sample", num_samples=n, sampling="systematic", generator=torch.Generator().manual_seed(5),
+                  backend=backend)
+    assert torch.equal(st.ids, st2.ids) and torch.equal(st.counts, st2.counts)
+    u = (torch.arange(n, dtype=torch.float64) + torch.rand(rows, 1, generator=torch.Generator().manual_seed(5),
+                                                            dtype=torch.float64)) / n
+    ids, counts, _ = R.capture_sample(t, u, 1.0)
+    assert torch.equal(st.ids, ids) and torch.equal(st.counts, counts)
+    dense = st.dense_probs(torch.float64) * n
+    freq = dense.mean(0) / n
+    sigma = (p * (1 - p) / (rows * n)).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-12).all(), (freq, p)
+    big = p >= 1.0 / n
+    lo, hi = torch.floor(n * p[big]), torch.ceil(n * p[big])
+    assert ((dense[:, big] >= lo) & (dense[:, big] <= hi)).all()
+    iid = capture(t, mode="sample", num_samples=n, generator=torch.Generator().manual_seed(5), backend=backend)
+    dense_iid = iid.dense_probs(torch.float64)[:, big] * n
+    assert ((dense_iid < lo) | (dense_iid > hi)).any()  # the i.i.d. counts spread further
+    with pytest.raises(ValueError, match="sampling"):
+        capture(t, mode="sample", sampling="stratified")
+
+
+def test_cache_sampling_setting(tmp_path):
+    logits = _logits(2 * 8, 300, torch.float32, 2.0, seed=21).reshape(2, 8, 300)
+    with TeacherCache(tmp_path / "s", mode="sample", num_samples=20, sampling="systematic") as c:
+        st = c.get_or_capture(range(2), lambda: logits, generator=torch.Generator().manual_seed(3))
+        assert "sampling='systematic'" in repr(c)
+    ref = capture(logits, mode="sample", num_samples=20, sampling="systematic",
+                  generator=torch.Generator().manual_seed(3))
+    assert torch.equal(st.ids, ref.ids) and torch.equal(st.counts, ref.counts)
+    assert TeacherCache(tmp_path / "s").manifest["sampling"] == "systematic"
+    with pytest.raises(ValueError, match="manifest.json.*sampling"):
+        TeacherCache(tmp_path / "s", sampling="iid")
+    # a cache written before the setting existed drew i.i.d.
+    man_path = tmp_path / "s" / "manifest.json"
+    import json
+    man = json.loads(man_path.read_text())
+    del man["sampling"]
+    man_path.write_text(json.dumps(man))
+    assert TeacherCache(tmp_path / "s", sampling="iid").manifest.get("sampling") is None
+    with pytest.raises(ValueError, match="sampling"):
+        TeacherCache(tmp_path / "s", sampling="systematic")
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        TeacherCache(tmp_path / "x", mode="sample", sampling="stratified")
+
+
 def test_capture_bad_input():
     t = _logits(4, 10)
     with pytest.raises(ValueError, match="k must lie in"):

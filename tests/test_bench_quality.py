@@ -1,0 +1,59 @@
+"""bench/quality.py: the seed-paired gain arithmetic, and a smoke run of the whole study (wiring only)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("fastkd_bench_quality", os.path.join(ROOT, "bench", "quality.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _runs(values):
+    return {s: {m: {"ce": v, "ece": 0.01} for m, v in row.items()} for s, row in enumerate(values)}
+
+
+def test_summarise_pairs_gains_by_seed(quality):
+    per_seed = _runs([
+        {"ce": 3.00, "full": 2.80, "sampled": 2.81, "topk_bucket": 2.90},
+        {"ce": 3.10, "full": 2.80, "sampled": 2.83, "topk_bucket": 2.95},
+    ])
+    s = quality.summarise(per_seed, ["ce", "full", "sampled", "topk_bucket"])
+    assert s["ce"]["ce_mean"] == pytest.approx(3.05)
+    assert s["full"]["gain_mean"] == pytest.approx(0.25)
+    # share = mean gain / mean full gain = ((0.19 + 0.27) / 2) / 0.25
+    assert s["sampled"]["share_of_full_kd_gain"] == pytest.approx(0.23 / 0.25)
+    ratios = [0.19 / 0.20, 0.27 / 0.30]
+    sem = abs(ratios[0] - ratios[1]) / 2  # stdev of two values / sqrt(2)
+    assert s["sampled"]["share_sem"] == pytest.approx(sem)
+    assert s["sampled"]["gap_to_full_mean"] == pytest.approx(0.02)
+    assert s["sampled"]["meets_target"] is False  # 92 % < 98 %
+    assert s["topk_bucket"]["share_of_full_kd_gain"] == pytest.approx(0.125 / 0.25)
+    assert "share_of_full_kd_gain" not in s["full"]
+
+
+def test_summarise_target_met(quality):
+    per_seed = _runs([{"ce": 3.0, "full": 2.0, "sampled": 2.01}, {"ce": 3.0, "full": 2.1, "sampled": 2.1}])
+    s = quality.summarise(per_seed, ["ce", "full", "sampled"])
+    assert s["sampled"]["share_of_full_kd_gain"] == pytest.approx(1.89 / 1.9)
+    assert s["sampled"]["meets_target"] is True
+    assert math.isfinite(s["sampled"]["share_sem"])
+
+
+def test_smoke_run(quality, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "q.jsonl"
+    summary = quality.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "q.png")])
+    assert set(summary) == {"ce", "full", "topk_bucket", "topk_renorm", "sampled"}
+    for m in ("full", "topk_bucket", "topk_renorm", "sampled"):
+        assert math.isfinite(summary[m]["gain_mean"])
+    assert not out.exists()  # smoke numbers are never recorded
