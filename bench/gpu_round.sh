@@ -4,19 +4,22 @@
 #
 #   bash bench/gpu_round.sh OUTDIR [STAGE ...]
 #
-# Stages (default: all, in this order): env build test quick bench full
+# Stages (default: all, in this order): env build test quick cache linear bench full
 #   env    nvidia-smi, versions
 #   build  pip install --no-build-isolation --no-deps -e .  (FASTKD_CUDA=ON; archs: FASTKD_CUDA_ARCHS,
 #          default "80;90")
 #   test   pytest -m gpu tests/test_kd_gpu.py (+ any other gpu-marked tests)
 #   quick  bench/kd_gpu.py --quick: the issue's target point (bf16, N=16384, V=128256, every divergence)
+#   cache  bench/cache.py --device cuda: capture and sparse loss, every GPU backend (bf16, N=16384,
+#          V=128256, k=64: the cache issue's target point)
+#   linear bench/linear.py --device cuda: the fused-linear loss at the linear issue's target point
 #   bench  bench/kd.py --device cuda (the shared benchmark, when present)
 #   full   bench/kd_gpu.py over the issue's whole matrix (bf16/fp32 x N {4096,16384} x V {32000,128256,256000})
 # Each stage is a separate command, so a lease with a per-command time limit can run them one by one.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_round.sh OUTDIR [STAGE ...]}
 shift
-STAGES=${*:-env build test quick bench full}
+STAGES=${*:-env build test quick cache linear bench full}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
@@ -49,6 +52,12 @@ for stage in $STAGES; do
       ;;
     quick)
       run_stage quick "$PY" bench/kd_gpu.py --quick --out "$OUT/kd_gpu_quick.jsonl"
+      ;;
+    cache)
+      run_stage cache "$PY" bench/cache.py --device cuda --n 16384 --dtype bfloat16 --out "$OUT/cache.jsonl"
+      ;;
+    linear)
+      run_stage linear "$PY" bench/linear.py --device cuda --out "$OUT/linear.jsonl"
       ;;
     bench)
       if [ -f bench/kd.py ]; then

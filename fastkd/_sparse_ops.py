@@ -207,8 +207,11 @@ def _load_cuda_impls() -> None:
             from . import _cuda_impls
 
             _cuda_impls.register_cache_impls()
-        except Exception:
-            pass
+        except Exception as exc:  # a broken build must not break `import fastkd`; say so instead
+            import warnings
+
+            warnings.warn(f"fastkd: the CUDA teacher-cache kernels could not be registered ({exc!r}); "
+                          "backend='auto' uses the torch reference for them on CUDA tensors", RuntimeWarning)
 
 
 _load_cuda_impls()

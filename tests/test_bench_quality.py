@@ -53,7 +53,7 @@ def test_smoke_run(quality, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "q.jsonl"
     summary = quality.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "q.png")])
-    assert set(summary) == {"ce", "full", "topk_bucket", "topk_renorm", "sampled"}
-    for m in ("full", "topk_bucket", "topk_renorm", "sampled"):
+    assert set(summary) == {"ce", "full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys"}
+    for m in ("full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys"):
         assert math.isfinite(summary[m]["gain_mean"])
     assert not out.exists()  # smoke numbers are never recorded

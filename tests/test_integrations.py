@@ -233,3 +233,23 @@ def test_cached_training_loop_keeps_sample_ids_and_fills_once(tmp_path):
     trainer.train()
     assert len(cache) == 8 and len(calls) == 4  # epoch 1: 4 micro-batches; epoch 2: none
     cache.close()
+
+
+def test_sampled_capture_leaves_the_global_rng_alone(tmp_path):
+    """Sampling draws from the trainer's own seeded generator: the global RNG (which seeds the data
+    order of later epochs) is untouched, and the same args.seed gives the same stored draws."""
+    data = _Data(4, seed=40)
+    batch = {k: torch.stack([data[i][k] for i in (0, 1, 2)]) for k in ("input_ids", "labels", "sample_id")}
+    stored = []
+    for run in range(2):
+        student, teacher = _gpt2(1, 16, 41), _gpt2(1, 16, 42)
+        cache = fastkd.TeacherCache(tmp_path / f"s{run}", mode="sample", num_samples=16, vocab_size=V, sync=False)
+        trainer = DistillationTrainer(model=student, args=_args(tmp_path, seed=5), train_dataset=data,
+                                      teacher=teacher, teacher_cache=cache, hard_weight=0.5, soft_weight=0.5)
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        trainer.compute_loss(student, dict(batch))
+        assert torch.equal(torch.get_rng_state(), before)
+        stored.append(cache.read(batch["sample_id"]))
+        cache.close()
+    assert torch.equal(stored[0].ids, stored[1].ids) and torch.equal(stored[0].counts, stored[1].counts)

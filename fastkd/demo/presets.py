@@ -9,7 +9,8 @@ from .models import ModelSpec
 
 ALL_RUNS = ("ce", "kd", "cache_topk", "cache_sample")
 # Fields that only the distilled runs read: the CE run's cached result stays valid when they change.
-KD_ONLY_FIELDS = ("temperature", "soft_weight", "hard_weight", "kd_chunk_size", "topk", "num_samples", "runs")
+KD_ONLY_FIELDS = ("temperature", "soft_weight", "hard_weight", "kd_chunk_size", "topk", "num_samples", "sampling",
+                  "runs")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Preset:
     kd_chunk_size: Optional[int] = None  # token rows per chunk of fused_linear_kd_loss (None: auto)
     topk: int = 64
     num_samples: int = 50
+    sampling: str = "iid"     # sampled cache: "iid" or "systematic" draws (fastkd.capture)
     device: str = "cpu"
     autocast_bf16: bool = False
     seed: int = 1234
@@ -53,7 +55,7 @@ PRESETS = {
     "default": Preset(
         name="default", max_chars=5_200_000, vocab_size=8192, seq_len=128,
         teacher=ModelSpec(4, 256, 4), student=ModelSpec(2, 128, 4),
-        teacher_steps=100, teacher_lr=3e-3, batch_size=16, student_steps=90, student_lr=3e-3,
+        teacher_steps=250, teacher_lr=3e-3, batch_size=16, student_steps=90, student_lr=3e-3,
         transfer_blocks=360, heldout_blocks=48, eval_every=10, kd_chunk_size=256),
     "tiny": Preset(
         name="tiny", max_chars=400_000, vocab_size=1024, seq_len=32,

@@ -207,6 +207,7 @@ def make_teacher_cache(path: str, preset: Preset, mode: str, teacher_name: str, 
         kw["k"] = preset.topk
     else:
         kw["num_samples"] = preset.num_samples
+        kw["sampling"] = preset.sampling
     return fastkd.TeacherCache(path, **kw)
 
 

@@ -129,6 +129,10 @@ class DistillationTrainer(Trainer):
         self.tail = tail
         self.chunk_size = chunk_size
         self.sample_id_key = sample_id_key
+        # Sampled captures draw from their own generator (seeded from args.seed): drawing from the
+        # global RNG would shift the data order of later epochs (the sampler seeds itself from it),
+        # so a cached run would no longer see the batches of the runs it is compared with.
+        self._capture_generator: Optional[torch.Generator] = None
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -177,8 +181,11 @@ class DistillationTrainer(Trainer):
                              "(one integer sample index per sequence)")
         ids = sample_ids.reshape(-1).to("cpu", torch.long)
         if self.teacher is not None:
+            if self._capture_generator is None:
+                dev = inputs["input_ids"].device
+                self._capture_generator = torch.Generator(device=dev).manual_seed(int(self.args.seed) + 7919)
             return self.teacher_cache.get_or_capture(ids, lambda rows: self._teacher_logits(inputs, rows),
-                                                     device=self.args.device)
+                                                     device=self.args.device, generator=self._capture_generator)
         missing = self.teacher_cache.missing(ids)
         if missing:
             raise ValueError(f"{len(missing)} samples of this batch (e.g. {missing[:4]}) are not in the "
