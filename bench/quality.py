@@ -195,7 +195,8 @@ def plot(curves, summary, methods, path, title):
     if bars:
         vals = [100 * summary[m]["share_of_full_kd_gain"] for m in bars]
         errs = [100 * (summary[m].get("share_sem") or 0.0) for m in bars]
-        ax2.bar([LABELS.get(m, m) for m in bars], vals, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
+        names = [LABELS.get(m, m).replace(", ", ",\n").replace(" (", "\n(") for m in bars]
+        ax2.bar(names, vals, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
         ax2.axhline(100, color="k", lw=1, ls="--", label="full KD")
         for m, t in TARGETS.items():
             if m in bars:
@@ -210,6 +211,30 @@ def plot(curves, summary, methods, path, title):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _title(meta):
+    return (f"word-level LM on the CPython docs, V={meta['vocab']}: {meta['teacher']} teacher (held-out CE "
+            f"{meta['teacher_ce']:.3f}) → {meta['student']} students, {meta['student_steps']}×{meta['batch']}×"
+            f"{meta['seq']} tokens × {meta['epochs']} epochs, {meta['seeds']} seeds, k={meta['k']}, "
+            f"N={meta['num_samples']}")
+
+
+def replot(out, path):
+    """Redraws the plot of the newest study in the JSON-lines file ``out``."""
+    with open(out) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if r.get("kind") in ("run", "summary")]
+    if not rows:
+        raise SystemExit(f"{out}: no multi-seed study recorded")
+    date = max(r["date"] for r in rows)
+    runs = [r for r in rows if r["date"] == date and r["kind"] == "run"]
+    summary = {r["method"]: r for r in rows if r["date"] == date and r["kind"] == "summary"}
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    curves = {(r["seed"], r["method"]): r["curve"] for r in runs}
+    plot(curves, summary, methods, path, _title(runs[0]))
+    print("plot:", path)
+    return summary
 
 
 def main(argv=None):
@@ -234,6 +259,8 @@ def main(argv=None):
     ap.add_argument("--teacher-ckpt", default=None,
                     help="teacher weights file (default: ./.fastkd_cache/quality-teacher-<settings>.pt, "
                          "reused when present)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw --plot from the newest study recorded in --out (no training)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "quality.jsonl"))
     ap.add_argument("--plot", default=os.path.join(HERE, "results", "quality.png"))
@@ -241,6 +268,8 @@ def main(argv=None):
     if args.smoke:
         args.vocab, args.teacher_steps, args.student_steps, args.epochs, args.seq = 500, 5, 3, 2, 16
         args.seeds, args.teacher_hidden = 2, 64
+    if args.replot:
+        return replot(args.out, args.plot)
     if "ce" not in args.methods:
         args.methods.insert(0, "ce")  # every gain is measured against it
     torch.manual_seed(0)
@@ -371,10 +400,7 @@ def main(argv=None):
                 f.write(json.dumps({**meta, "kind": "summary", **r}) + "\n")
     if args.plot:
         path = args.plot if not args.smoke else os.path.join(tmp, "quality.png")
-        plot(curves, summary, args.methods, path,
-             f"word-level LM on the CPython docs, V={v}: GRU-{args.teacher_hidden} teacher (held-out CE "
-             f"{t_ce:.3f}) → GRU-{args.student_hidden} students, {args.student_steps}×{args.batch}×{args.seq} "
-             f"tokens × {args.epochs} epochs, {args.seeds} seeds, k={args.k}, N={args.num_samples}")
+        plot(curves, summary, args.methods, path, _title(meta))
         print("plot:", path)
     return summary
 

@@ -57,3 +57,26 @@ def test_smoke_run(quality, tmp_path, monkeypatch):
     for m in ("full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys"):
         assert math.isfinite(summary[m]["gain_mean"])
     assert not out.exists()  # smoke numbers are never recorded
+
+
+def test_replot_reads_the_newest_study(quality, tmp_path):
+    import json
+
+    meta = dict(bench="quality", vocab=50, teacher="GRU-8", teacher_ce=3.0, student="GRU-4", student_steps=2,
+                batch=2, seq=4, epochs=2, seeds=2, k=4, num_samples=5)
+    rows = []
+    for date, shift in (("2026-01-01T00:00:00+00:00", 9.0), ("2026-02-01T00:00:00+00:00", 0.0)):
+        per_seed = _runs([{"ce": 3.0 + shift, "full": 2.8 + shift, "sampled": 2.82 + shift},
+                          {"ce": 3.1 + shift, "full": 2.9 + shift, "sampled": 2.9 + shift}])
+        for s, res in per_seed.items():
+            for m, r in res.items():
+                rows.append({**meta, "date": date, "kind": "run", "seed": s, "method": m, **r,
+                             "curve": [r["ce"] + 0.5, r["ce"]]})
+        for m, r in quality.summarise(per_seed, ["ce", "full", "sampled"]).items():
+            rows.append({**meta, "date": date, "kind": "summary", **r})
+    out = tmp_path / "q.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = quality.main(["--replot", "--out", str(out), "--plot", str(tmp_path / "q.png")])
+    assert summary["ce"]["ce_mean"] == pytest.approx(3.05)  # the newer study, not the older one
+    assert summary["sampled"]["share_of_full_kd_gain"] == pytest.approx(0.19 / 0.2)
+    assert (tmp_path / "q.png").stat().st_size > 10_000

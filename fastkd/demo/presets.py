@@ -56,7 +56,7 @@ PRESETS = {
         name="default", max_chars=5_200_000, vocab_size=8192, seq_len=128,
         teacher=ModelSpec(4, 256, 4), student=ModelSpec(2, 128, 4),
         teacher_steps=250, teacher_lr=3e-3, batch_size=16, student_steps=90, student_lr=3e-3,
-        transfer_blocks=360, heldout_blocks=48, eval_every=10, kd_chunk_size=256),
+        transfer_blocks=120, heldout_blocks=48, eval_every=10, kd_chunk_size=256),
     "tiny": Preset(
         name="tiny", max_chars=400_000, vocab_size=1024, seq_len=32,
         teacher=ModelSpec(2, 64, 2), student=ModelSpec(1, 32, 2),
