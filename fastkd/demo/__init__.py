@@ -116,6 +116,8 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
     held_ids = tokenizer.encode_documents(tok, held_docs, os.path.join(tok_dir, "heldout.npy"))
     vocab = tok.get_vocab_size()
     if vocab != p.vocab_size:  # a small corpus can end BPE training early: size the models to match
+        _say(f"[fastkd demo] note: BPE training stopped at {vocab} entries, not the {p.vocab_size} asked for "
+             f"(this corpus has no more merges occurring twice); the models use V={vocab}", progress)
         p = dataclasses.replace(p, vocab_size=vocab)
     timings["tokenizer_s"] = time.perf_counter() - t0
     train_blocks = tokenizer.blocks(train_ids, p.seq_len)

@@ -39,7 +39,7 @@ class Preset:
     kd_chunk_size: Optional[int] = None  # token rows per chunk of fused_linear_kd_loss (None: auto)
     topk: int = 64
     num_samples: int = 50
-    sampling: str = "iid"     # sampled cache: "iid" or "systematic" draws (fastkd.capture)
+    sampling: str = "systematic"  # sampled cache draws (fastkd.capture): "systematic" or "iid"
     device: str = "cpu"
     autocast_bf16: bool = False
     seed: int = 1234
