@@ -2,34 +2,19 @@
 // strides, a dtype code and scalar settings, as the kd entries in csrc/binding.cpp. GIL released.
 #include <pybind11/pybind11.h>
 
+#include "cache_bind.h"
 #include "cpu/cache.h"
 
 namespace py = pybind11;
 
 namespace fastkd {
-namespace {
-template <typename T>
-T* as_ptr(int64_t p) {
-  return reinterpret_cast<T*>(static_cast<intptr_t>(p));
-}
-}  // namespace
 
 void bind_cache_cpu(py::module_& m) {
   m.def(
       "capture_topk_cpu",
       [](int64_t t, int64_t ids, int64_t values, int64_t lse, int64_t n, int64_t v, int64_t stride_t,
          int dtype, double temperature, int64_t k, int num_threads) {
-        CaptureProblem p{};
-        p.dtype = dtype;
-        p.t = as_ptr<const void>(t);
-        p.ids = as_ptr<int64_t>(ids);
-        p.values = as_ptr<void>(values);
-        p.lse = as_ptr<void>(lse);
-        p.n = n;
-        p.v = v;
-        p.stride_t = stride_t;
-        p.temperature = temperature;
-        p.k = k;
+        CaptureProblem p = bind::topk_problem(t, ids, values, lse, n, v, stride_t, dtype, temperature, k);
         p.num_threads = num_threads;
         py::gil_scoped_release nogil;
         capture_topk_cpu(p);
@@ -40,19 +25,8 @@ void bind_cache_cpu(py::module_& m) {
       [](int64_t t, int64_t u, int64_t ids, int64_t counts, int64_t lse, int64_t n, int64_t v,
          int64_t stride_t, int dtype, double temperature, int64_t num_samples, int64_t width,
          int num_threads) {
-        CaptureProblem p{};
-        p.dtype = dtype;
-        p.t = as_ptr<const void>(t);
-        p.u = as_ptr<const double>(u);
-        p.ids = as_ptr<int64_t>(ids);
-        p.counts = as_ptr<int32_t>(counts);
-        p.lse = as_ptr<void>(lse);
-        p.n = n;
-        p.v = v;
-        p.stride_t = stride_t;
-        p.temperature = temperature;
-        p.num_samples = num_samples;
-        p.width = width;
+        CaptureProblem p = bind::sample_problem(t, u, ids, counts, lse, n, v, stride_t, dtype, temperature,
+                                                num_samples, width);
         p.num_threads = num_threads;
         py::gil_scoped_release nogil;
         capture_sample_cpu(p);
@@ -64,26 +38,9 @@ void bind_cache_cpu(py::module_& m) {
          int64_t n, int64_t v, int64_t k, int64_t stride_z, int64_t stride_g, int dtype, int tail,
          double temperature, double soft_scale, double hard_weight, int64_t ignore_index,
          double label_smoothing, int num_threads) {
-        SparseKDProblem p{};
-        p.dtype = dtype;
-        p.z = as_ptr<const void>(z);
-        p.ids = as_ptr<const int64_t>(ids);
-        p.w = as_ptr<const void>(w);
-        p.target = as_ptr<const int64_t>(target);
-        p.divisor = as_ptr<const void>(divisor);
-        p.loss = as_ptr<void>(loss);
-        p.grad = as_ptr<void>(grad);
-        p.n = n;
-        p.v = v;
-        p.k = k;
-        p.stride_z = stride_z;
-        p.stride_g = stride_g;
-        p.tail = tail;
-        p.temperature = temperature;
-        p.soft_scale = soft_scale;
-        p.hard_weight = hard_weight;
-        p.label_smoothing = label_smoothing;
-        p.ignore_index = ignore_index;
+        SparseKDProblem p = bind::sparse_problem(z, ids, w, target, divisor, loss, grad, n, v, k, stride_z,
+                                                 stride_g, dtype, tail, temperature, soft_scale, hard_weight,
+                                                 ignore_index, label_smoothing);
         p.num_threads = num_threads;
         py::gil_scoped_release nogil;
         sparse_kd_cpu(p);

@@ -47,36 +47,24 @@
 
 #include "cpu/kd.h"
 #include "cuda/cache.h"
+#include "cuda/common.cuh"
 
 namespace fastkd {
 namespace {
 
+using cuda_common::from_f;
+using cuda_common::kFull;
+using cuda_common::to_f;
+using cuda_common::VecOf;
+
 typedef unsigned long long u64;
 
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kCapThreads = 256;     // capture: the candidate buffer grows with the tile (threads · slot)
 constexpr int kSparseThreads = 512;  // as the dense kd kernel
 constexpr int64_t kSmemCap = 96 * 1024;        // more dynamic shared memory per block costs occupancy
 constexpr int64_t kStaticSmemReserve = 4096;   // the kernels' own __shared__ variables
 constexpr int64_t kMaxGrid = int64_t(1) << 30;
 
-template <typename T>
-struct VecOf {
-  static constexpr int N = 16 / int(sizeof(T));
-};
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 
 __device__ __forceinline__ float ninf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float qnan() { return __int_as_float(0x7fc00000); }

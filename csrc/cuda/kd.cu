@@ -25,37 +25,25 @@
 #include <string>
 
 #include "common/kd_math.h"
+#include "cuda/common.cuh"
 #include "cuda/kd.h"
 
 namespace fastkd {
 namespace {
 
+using cuda_common::from_f;
+using cuda_common::kFull;
+using cuda_common::to_f;
+using cuda_common::VecOf;
+
 constexpr int kAllStats = 3;  // "DIV" of the stats mode: accumulate a_z and a_t both
 constexpr int kMaxThreads = 512;  // two blocks per SM overlap one row's reductions with another's loads
-constexpr unsigned kFull = 0xffffffffu;
 
 // exp/log via the SFU (ex2/lg2.approx: ~2 ulp near the arguments that matter). Every exp argument
 // is x − max <= 0, and results below FLT_MIN only feed sums that they cannot change.
 __device__ __forceinline__ float fexp(float x) { return __expf(x); }
 __device__ __forceinline__ float flog(float x) { return __logf(x); }
 
-template <typename T>
-struct VecOf {
-  static constexpr int N = 16 / int(sizeof(T));
-};
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
 
 // Per-call constants derived once on the host (inv_div comes from the device divisor).
 struct Consts {

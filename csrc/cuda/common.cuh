@@ -1,0 +1,35 @@
+// Device helpers shared by the CUDA kernel files (kd.cu, cache.cu): element types <-> float, the
+// 16-byte vector width of a row element. Header-only; nvcc and the host emulation in tests/cuda_emu
+// both compile it.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace fastkd {
+namespace cuda_common {
+
+constexpr unsigned kFull = 0xffffffffu;  // all lanes of a warp
+
+// Elements per 16-byte load.
+template <typename T>
+struct VecOf {
+  static constexpr int N = 16 / int(sizeof(T));
+};
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+}  // namespace cuda_common
+}  // namespace fastkd
