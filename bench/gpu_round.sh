@@ -9,13 +9,14 @@
 #   build  pip install --no-build-isolation --no-deps -e .  (FASTKD_CUDA=ON; archs: FASTKD_CUDA_ARCHS,
 #          default "80;90")
 #   test   pytest -m gpu tests/test_kd_gpu.py (+ any other gpu-marked tests)
-#   quick  bench/kd_gpu.py --quick: the target point (bf16, N=16384, V=128256, every divergence)
+#   quick  bench/kd_gpu.py --quick: one point (bf16, N=16384, V=128256, every divergence)
 #   cache  bench/cache.py --device cuda: capture and sparse loss, every GPU backend (bf16, N=16384,
-#          V=128256, k=64: the cache issue's target point)
-#   linear bench/linear.py --device cuda: the fused-linear loss at the linear issue's target point
-#   bench  bench/kd.py --device cuda (the shared benchmark, when present)
-#   full   bench/kd_gpu.py over the whole matrix (bf16/fp32 x N {4096,16384} x V {32000,128256,256000})
-# Each stage is a separate command, so a lease with a per-command time limit can run them one by one.
+#          V=128256, k=64)
+#   linear bench/linear.py --device cuda: the fused-linear loss (bf16, N=8192, H {2048,4096}, V {32000,128256})
+#   bench  bench/kd.py --device cuda: the fused kd loss in a fresh process per measurement (bf16/fp32 x N x V)
+#   full   bench/kd_gpu.py over its whole matrix (bf16/fp32 x N {4096,16384} x V {32000,128256,256000})
+# The bench/*.py scripts run the benchmarks of fastkd.bench (the same as `fastkd bench NAME`).
+# Each stage is a separate command, so a machine with a per-command time limit can run them one by one.
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_round.sh OUTDIR [STAGE ...]}
 shift
@@ -45,7 +46,7 @@ for stage in $STAGES; do
       ;;
     build)
       run_stage build env FASTKD_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -e .
-      run_stage build_check "$PY" -c "import fastkd, fastkd._ext as e, fastkd._ops as o; print('cuda kernels:', e.has_cuda_kernels()); print('impls:', sorted(o._KD_IMPLS)); assert e.has_cuda_kernels()"
+      run_stage build_check "$PY" -c "import fastkd, fastkd._ext as e; from fastkd._backends import registry as r; print('cuda kernels:', e.has_cuda_kernels()); print('kd backends on cuda:', r.available('kd', 'cuda')); print('sparse_kd backends on cuda:', r.available('sparse_kd', 'cuda')); assert e.has_cuda_kernels()"
       ;;
     test)
       run_stage test "$PY" -m pytest -m gpu -q -x -p no:cacheprovider --junitxml="$OUT/test_gpu.xml" tests/

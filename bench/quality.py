@@ -53,8 +53,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LABELS = {"ce": "plain CE", "full": "full KD (kd_loss)", "topk_bucket": "top-k, bucket tail",
           "topk_renorm": "top-k, renormalised", "sampled": "sampled (i.i.d.)",
           "sampled_sys": "sampled (systematic)"}
-# The cache issue's targets: share of full KD's gain over CE that a cached method must keep.
-TARGETS = {"sampled": 0.98, "sampled_sys": 0.98, "topk_bucket": 0.95}
 
 
 def load_corpus(vocab_size):
@@ -163,9 +161,6 @@ def summarise(per_seed, methods):
                 gaps = [f - g for g, f in zip(gains, full)]
                 row["gap_to_full_mean"] = statistics.fmean(gaps)
                 row["gap_to_full_sem"] = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else None
-                if m in TARGETS:
-                    row["target_share"] = TARGETS[m]
-                    row["meets_target"] = row["share_of_full_kd_gain"] >= TARGETS[m]
         out[m] = row
     return out
 
@@ -198,11 +193,6 @@ def plot(curves, summary, methods, path, title):
         names = [LABELS.get(m, m).replace(", ", ",\n").replace(" (", "\n(") for m in bars]
         ax2.bar(names, vals, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
         ax2.axhline(100, color="k", lw=1, ls="--", label="full KD")
-        for m, t in TARGETS.items():
-            if m in bars:
-                i = bars.index(m)
-                ax2.plot([i - 0.4, i + 0.4], [100 * t, 100 * t], color="tab:red", lw=2,
-                         label="issue target" if i == min(bars.index(x) for x in TARGETS if x in bars) else None)
         ax2.set_ylabel("% of full KD's held-out gain over CE")
         ax2.set_title("share of full KD's gain (± s.e. over seeds)")
         ax2.grid(axis="y", alpha=0.3)
@@ -385,8 +375,6 @@ def main(argv=None):
         gain = "" if "gain_mean" not in r else f"{r['gain_mean']:+.4f} ± {r['gain_sem'] or 0:.4f}"
         share = "" if "share_of_full_kd_gain" not in r else \
             f"{100 * r['share_of_full_kd_gain']:.1f}% ± {100 * (r['share_sem'] or 0):.1f}"
-        if "target_share" in r:
-            share += f"  (target ≥ {100 * r['target_share']:.0f}%: {'met' if r['meets_target'] else 'missed'})"
         print(f"{m:12s}  {r['ce_mean']:.4f} ± {r['ce_std']:.4f}     {r['ece_mean']:.4f}  {gain:22s} {share}")
     print("bytes/token:", {n: round(b, 1) for n, b in meta["bytes_per_token"].items()})
     if not args.smoke:

@@ -5,13 +5,13 @@ from .losses import KDLoss, kd_loss
 
 __version__ = "0.1.0"
 
-# Imported on first use (PEP 562): fastkd.linear pulls in torch._dynamo (~1.5 s) for its
-# compiler.disable, and most users of kd_loss need none of these.
+# Imported on first use (PEP 562): fastkd.linear pulls in torch._dynamo (~1.5 s), and most users of
+# kd_loss need none of these.
 _LAZY = {
     "fused_linear_kd_loss": ("linear", "fused_linear_kd_loss"),
     "capture": ("cache", "capture"),
     "SparseTeacher": ("cache", "SparseTeacher"),
-    "sparse_kd_loss": ("cache", "sparse_kd_loss"),
+    "sparse_kd_loss": ("losses", "sparse_kd_loss"),
     "TeacherCache": ("cache", "TeacherCache"),
     "methods": ("methods", None),
     "distributed": ("distributed", None),  # vocab-parallel losses; importing needs no process group

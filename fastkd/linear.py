@@ -21,8 +21,10 @@ from typing import Optional, Union
 
 import torch
 
-from . import _ops
-from . import losses as _losses
+from . import _inputs
+from ._backends import registry
+from .cache.teacher import SparseTeacher
+from ._settings import KDSettings, KernelParams, acc_dtype, check_hard_target, kd_settings
 
 # Bytes of chunk×V work buffers when chunk_size is None. A GPU needs a few hundred rows per GEMM to
 # stay efficient (256 MiB is 256 rows at V=128k); a CPU GEMM is already efficient at tens of rows, so
@@ -42,8 +44,8 @@ class _Cfg:
     teacher_cdt: torch.dtype
     acc: torch.dtype  # logits / accumulation dtype: float32, or float64 for float64 students
     reduce: bool  # "mean"/"sum" (scalar loss) versus "none" (per-row loss)
-    kd: dict  # keyword arguments of the per-chunk torch reference (or of sparse_kd_loss)
-    params: _ops.KDParams  # the same, as the fused kernels take them
+    settings: KDSettings  # the loss settings (temperature resolved)
+    params: KernelParams  # the same, as the fused kernels take them
     sparse: bool = False  # teacher given as a SparseTeacher (no teacher head)
     grad_enabled: bool = True  # False under no_grad: forward skips every gradient GEMM
 
@@ -147,11 +149,12 @@ def _kd_chunk(cfg: _Cfg, z, t, y, divisor, loss_out, need_dz: bool, need_dt: boo
 
     With a fused backend dz overwrites z's buffer (the kernels allow grad_z to alias z).
     """
-    if cfg.backend == "torch":
+    impl = registry.implementation("kd", cfg.backend)
+    if "autograd" in impl.caps:
         with torch.enable_grad():
             zr = z.detach().requires_grad_(need_dz)
             tr = t.detach().requires_grad_(need_dt)
-            rows = _ops.kd_rows(zr, tr, y, divisor, backend="torch", **cfg.kd)
+            rows = impl.fn(zr, tr, y, divisor, cfg.params)
             loss_out.copy_(rows.detach())
             wrt = [x for x, need in ((zr, need_dz), (tr, need_dt)) if need]
             if not wrt:
@@ -160,21 +163,23 @@ def _kd_chunk(cfg: _Cfg, z, t, y, divisor, loss_out, need_dz: bool, need_dt: boo
         dz = grads.pop(0) if need_dz else None
         dt = grads.pop(0) if need_dt else None
         return dz, dt
-    impl = _ops._KD_IMPLS[cfg.backend]
-    tgt = y if y is not None else z.new_empty((0,), dtype=torch.long)
     dt = torch.empty_like(t) if need_dt else None
-    impl(z, t, tgt, divisor, loss_out, z, dt, cfg.params)
+    impl.fn(z, t, y, divisor, loss_out, z, dt, cfg.params)
     return z, dt
 
 
 def _sparse_chunk(cfg: _Cfg, z, sparse_rows, y, divisor, loss_out, need_dz: bool):
     """A chunk against a SparseTeacher: fastkd.sparse_kd_loss on the chunk's logits (its kernel, its
     checks), divided by the whole batch's divisor; the gradient comes from its fused backward."""
-    from .cache import sparse_kd_loss
+    from .losses import sparse_kd_loss
 
+    st = cfg.settings
     with torch.enable_grad():
         zr = z.detach().requires_grad_(need_dz)
-        rows = sparse_kd_loss(zr, sparse_rows, y, reduction="none", **cfg.kd) / divisor.to(z.dtype)
+        rows = sparse_kd_loss(zr, sparse_rows, y, reduction="none", tail=st.tail, temperature=st.temperature,
+                              soft_weight=st.soft_weight, hard_weight=st.hard_weight, divergence=st.divergence,
+                              ignore_index=st.ignore_index, label_smoothing=st.label_smoothing,
+                              t2_scale=st.t2_scale, backend=st.backend) / divisor.to(z.dtype)
         loss_out.copy_(rows.detach())
         if not need_dz:
             return None
@@ -298,7 +303,7 @@ class _LinearKD(torch.autograd.Function):
 
 
 def _check_head(name_h: str, name_w: str, name_b: str, h, w, b):
-    _losses.check_logits(name_h, h)
+    _inputs.check_logits(name_h, h)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name_w} must be a torch.Tensor of shape (V, H), got {type(w).__name__}")
     if w.dim() != 2:
@@ -328,14 +333,6 @@ def _compute_dtype(name: str, h, w, b) -> torch.dtype:
         raise TypeError(f"{name}: hidden, weight and bias must share a dtype outside autocast, got "
                         f"{h.dtype}, {w.dtype}" + ("" if b is None else f", {b.dtype}"))
     return h.dtype
-
-
-def _is_sparse_teacher(x) -> bool:
-    try:
-        from .cache import SparseTeacher
-    except Exception:
-        return False
-    return isinstance(x, SparseTeacher)
 
 
 @torch.compiler.disable
@@ -410,7 +407,11 @@ def fused_linear_kd_loss(
     Returns:
         float32 loss (float64 for float64 students): a scalar, or ``(...)`` for ``reduction="none"``.
     """
-    sparse = _is_sparse_teacher(teacher_hidden)
+    settings = kd_settings(allow_default_temperature=True, tail=tail, temperature=temperature,
+                           soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                           t2_scale=t2_scale, softcap=softcap, backend=backend)
+    sparse = isinstance(teacher_hidden, SparseTeacher)
     _check_head("student_hidden", "student_weight", "student_bias", student_hidden, student_weight,
                 student_bias)
     lead_shape = student_hidden.shape[:-1]
@@ -458,35 +459,19 @@ def fused_linear_kd_loss(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
         raise ValueError(f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
+    # τ: the capture temperature of a SparseTeacher (which its stored probabilities fix), else 1.
+    settings = settings.with_temperature(settings.temperature if settings.temperature is not None
+                                         else (teacher_hidden.temperature if sparse else 1.0))
+    check_hard_target(settings, target, what="class ids of shape student_hidden.shape[:-1]")
 
-    # The same argument checks (and messages) as kd_loss.
-    if temperature is None:
-        temperature = teacher_hidden.temperature if sparse else 1.0
-    _losses._check_number("temperature", temperature, low=0.0, low_open=True)
-    if math.isinf(temperature):
-        raise ValueError("temperature must be finite")
-    _losses._check_number("soft_weight", soft_weight)
-    _losses._check_number("hard_weight", hard_weight)
-    _losses._check_number("beta", beta, low=0.0, high=1.0)
-    _losses._check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    _losses._check_number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
-    if divergence not in _losses.DIVERGENCES:
-        raise ValueError(f"divergence must be one of {_losses.DIVERGENCES}, got {divergence!r}")
-    if reduction not in _losses.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_losses.REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if hard_weight != 0.0 and target is None:
-        raise ValueError("hard_weight != 0 needs target (class ids of shape student_hidden.shape[:-1])")
     if target is not None:
-        _losses.check_target(target, lead_shape, vocab_size, ignore_index, device)
+        _inputs.check_target(target, lead_shape, vocab_size, ignore_index, device)
 
-    resolved = _ops.resolve_backend(backend, device)
+    resolved = registry.resolve("kd", settings.backend, device)
     s_cdt = _compute_dtype("student", student_hidden, student_weight, student_bias)
     t_cdt = s_cdt if sparse else _compute_dtype("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    acc = torch.float64 if s_cdt == torch.float64 else torch.float32
-    if acc == torch.float64 and resolved in ("cuda", "triton"):
-        raise TypeError(f"float64 students are supported by the cpu and torch backends, not {resolved!r}")
+    acc = acc_dtype(s_cdt)
+    registry.check_dtype("kd", resolved, acc, what="students")
 
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
     n = hs.shape[0]
@@ -500,34 +485,22 @@ def fused_linear_kd_loss(
         teacher = teacher_hidden.flatten()
     else:
         teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    y = None if target is None else target.reshape(-1).long()
-    divisor = _losses._divisor(y, n, reduction, num_items, ignore_index, device, acc)
+    y = _inputs.flat_target(target)
+    divisor = _inputs.divisor(y, n, reduction, num_items, ignore_index, device, acc)
 
     teacher_trains = (not sparse) and any(x is not None and x.requires_grad
                                           for x in (teacher_hidden, teacher_weight, teacher_bias))
     if chunk_size is None:
         chunk_size = pick_chunk_size(n, vocab_size, n_buffers=2 + teacher_trains
-                                     + (1 if resolved == "torch" or sparse else 0),
+                                     + (1 if "autograd" in registry.implementation("kd", resolved).caps
+                                        or sparse else 0),
                                      itemsize=torch.finfo(acc).bits // 8, memory_budget=memory_budget,
                                      device_type=device.type)
     chunk_size = max(1, min(chunk_size, max(n, 1)))
 
-    dv = divergence
-    if dv == "jsd" and beta in (0.0, 1.0):  # TRL's special cases, as kd_loss maps them
-        dv = "forward_kl" if beta == 0.0 else "reverse_kl"
-    kd = dict(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-              divergence=dv, beta=beta, ignore_index=ignore_index, label_smoothing=label_smoothing,
-              t2_scale=t2_scale, softcap=softcap)
-    params = _ops.KDParams(float(temperature), float(soft_weight * (temperature ** 2 if t2_scale else 1.0)),
-                           float(hard_weight), _ops.DIVERGENCE_CODES[dv], float(beta), int(ignore_index),
-                           float(label_smoothing), float(softcap or 0.0), y is not None)
-    if sparse:  # the arguments of sparse_kd_loss (it checks and resolves them per chunk)
-        kd = dict(tail=tail, temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                  divergence=divergence, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                  t2_scale=t2_scale, backend=backend)
     cfg = _Cfg(vocab=vocab_size, chunk=chunk_size, backend=resolved, student_cdt=s_cdt,
-               teacher_cdt=t_cdt, acc=acc, reduce=reduction != "none", kd=kd, params=params,
-               sparse=sparse, grad_enabled=torch.is_grad_enabled())
+               teacher_cdt=t_cdt, acc=acc, reduce=reduction != "none", settings=settings,
+               params=settings.kernel_params(), sparse=sparse, grad_enabled=torch.is_grad_enabled())
 
     if n == 0:  # nothing to distil: an empty batch gives 0 (or an empty "none"), still differentiable
         rows = (student_hidden.sum(-1) * 0).to(acc)

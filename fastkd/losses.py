@@ -1,4 +1,7 @@
-"""Public loss functions: argument checking, shapes, reductions and docs. Knows nothing of backends."""
+"""The public losses on one device: ``kd_loss`` / ``KDLoss`` (dense teacher logits) and
+``sparse_kd_loss`` (a captured ``SparseTeacher``). Argument checks, shapes, reductions and docs;
+the backend is chosen by ``fastkd._backends.registry.resolve`` and the math runs in the op layer.
+"""
 from __future__ import annotations
 
 import math
@@ -6,124 +9,14 @@ from typing import Optional, Union
 
 import torch
 
-from . import _ops
+from . import _inputs
+from ._backends import registry
+from ._ops.kd import kd_rows, kd_rows_inplace
+from ._ops.sparse_kd import sparse_kd_rows
+from ._settings import DIVERGENCES, REDUCTIONS, TAIL_CODES, TAILS, KDSettings, acc_dtype, check_hard_target, kd_settings
+from .cache.teacher import SparseTeacher
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-REDUCTIONS = ("mean", "sum", "none")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - old torch
-        return False
-
-
-def _check_number(name: str, value, *, low=None, high=None, low_open=False, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-
-
-def check_logits(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name} must have shape (..., V) with at least one dimension, got a 0-d tensor")
-    if x.shape[-1] < 1:
-        raise ValueError(f"{name} must have a vocabulary dimension V >= 1, got shape {tuple(x.shape)}")
-
-
-def check_target(target, lead_shape, vocab: int, ignore_index: int, device) -> None:
-    """Shape/dtype/device checks always; value range checked without a host sync.
-
-    On CPU the range check is an ordinary ValueError. On other devices it is a device-side assert
-    (torch._assert_async), which never stalls the stream; the kernels also never read out of bounds.
-    """
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"target must be an integer tensor of class indices, got {target.dtype}")
-    if tuple(target.shape) != tuple(lead_shape):
-        raise ValueError(f"target must have shape {tuple(lead_shape)} (the logits' leading shape), "
-                         f"got {tuple(target.shape)}")
-    if target.device != device:
-        raise ValueError(f"target must be on {device} like the logits, got {target.device}")
-    if target.numel() == 0:
-        return
-    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-    if target.device.type == "cpu" and not _is_compiling():
-        if bool(bad.any()):
-            first = target[bad].flatten()[0]
-            raise ValueError(f"target values must lie in [0, {vocab}) or equal ignore_index="
-                             f"{ignore_index}; found {int(first)}")
-    else:
-        torch._assert_async(~bad.any(), "fastkd: target value out of range [0, V) and not ignore_index")
-
-
-def check_kd_inputs(student, teacher, target, *, temperature, soft_weight, hard_weight, divergence, beta,
-                    ignore_index, label_smoothing, reduction, softcap, student_name="student_logits",
-                    teacher_name="teacher_logits", target_what="class ids") -> None:
-    """The checks every kd entry point shares (kd_loss, the vocab-parallel kd_loss): logits pair,
-    scalar settings, and that a hard term has a target. Raises ValueError/TypeError naming the
-    argument."""
-    check_logits(student_name, student)
-    check_logits(teacher_name, teacher)
-    if teacher.shape != student.shape:
-        raise ValueError(f"{teacher_name} must have the student's shape {tuple(student.shape)}, "
-                         f"got {tuple(teacher.shape)}")
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"{teacher_name} must have the student's dtype {student.dtype}, got {teacher.dtype}")
-    if teacher.device != student.device:
-        raise ValueError(f"{teacher_name} must be on the student's device {student.device}, "
-                         f"got {teacher.device}")
-    _check_number("temperature", temperature, low=0.0, low_open=True)
-    if math.isinf(temperature):
-        raise ValueError("temperature must be finite")
-    _check_number("soft_weight", soft_weight)
-    _check_number("hard_weight", hard_weight)
-    _check_number("beta", beta, low=0.0, high=1.0)
-    _check_number("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    _check_number("softcap", softcap, low=0.0, low_open=True, allow_none=True)
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if hard_weight != 0.0 and target is None:
-        raise ValueError(f"hard_weight != 0 needs target ({target_what} of shape {student_name}.shape[:-1])")
-
-
-def _divisor(target2d: Optional[torch.Tensor], n_rows: int, reduction: str, num_items, ignore_index: int,
-             device, dtype) -> torch.Tensor:
-    """0-d tensor the loss rows are divided by: 1 for sum/none, the counted rows (or num_items) for mean."""
-    if reduction != "mean":
-        return torch.ones((), dtype=dtype, device=device)
-    if num_items is not None:
-        if isinstance(num_items, torch.Tensor):
-            if num_items.numel() != 1:
-                raise ValueError(f"num_items must be an int or a 1-element tensor, got shape "
-                                 f"{tuple(num_items.shape)}")
-            return num_items.detach().reshape(()).to(device=device, dtype=dtype)
-        if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items <= 0:
-            raise ValueError(f"num_items must be a positive int or a tensor, got {num_items!r}")
-        return torch.tensor(float(num_items), dtype=dtype, device=device)
-    if target2d is None:
-        return torch.tensor(float(max(n_rows, 1)), dtype=dtype, device=device)
-    count = (target2d != ignore_index).sum()
-    # A batch with no counted row gives loss 0: every row is 0, divided by 1.
-    return count.clamp_min(1).to(dtype)
+__all__ = ["kd_loss", "KDLoss", "sparse_kd_loss", "DIVERGENCES", "REDUCTIONS", "TAILS"]
 
 
 def kd_loss(
@@ -182,7 +75,7 @@ def kd_loss(
         num_items: overrides the divisor of "mean" (int or 0-d tensor), e.g. the token count of a
             whole gradient-accumulation step.
         backend: ``"auto"``, ``"cpu"`` (fused C++), ``"cuda"``, ``"triton"``, or ``"torch"`` (pure
-            PyTorch reference).
+            PyTorch reference); see ``fastkd/_backends/README.md``.
         inplace_grad: fused backends only, eager only: write the gradient into the student logits'
             storage instead of a new buffer (saves one N×V buffer; the logits are overwritten, and
             must be a non-leaf tensor that nothing else saved for backward).
@@ -190,37 +83,27 @@ def kd_loss(
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or ``(...)`` for ``reduction="none"``.
     """
-    check_kd_inputs(student_logits, teacher_logits, target, temperature=temperature,
-                    soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
-                    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
-                    softcap=softcap)
-
+    settings = kd_settings(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+                           divergence=divergence, beta=beta, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction=reduction, t2_scale=t2_scale,
+                           softcap=softcap, backend=backend)
+    _inputs.check_pair(student_logits, teacher_logits, student_name="student_logits", teacher_name="teacher_logits")
+    check_hard_target(settings, target, what="class ids of shape student_logits.shape[:-1]")
     lead_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
     device = student_logits.device
     if target is not None:
-        check_target(target, lead_shape, vocab, ignore_index, device)
+        _inputs.check_target(target, lead_shape, vocab, ignore_index, device)
+    resolved = registry.resolve("kd", settings.backend, device)
+    registry.check_dtype("kd", resolved, student_logits.dtype)
 
-    resolved = _ops.resolve_backend(backend, device)
-    if student_logits.dtype == torch.float64 and resolved in ("cuda", "triton"):
-        raise TypeError(f"float64 logits are supported by the cpu and torch backends, not {resolved!r}")
-
-    s2 = student_logits.reshape(-1, vocab)
-    t2 = teacher_logits.reshape(-1, vocab)
-    if s2.stride(-1) != 1:
-        s2 = s2.contiguous()
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    y = None if target is None else target.reshape(-1).long()
-
-    acc = torch.float64 if s2.dtype == torch.float64 else torch.float32
-    divisor = _divisor(y, s2.shape[0], reduction, num_items, ignore_index, device, acc)
-    kwargs = dict(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                  divergence=divergence, beta=beta, ignore_index=ignore_index,
-                  label_smoothing=label_smoothing, t2_scale=t2_scale, softcap=softcap, backend=resolved)
+    s2 = _inputs.rows(student_logits, vocab)
+    t2 = _inputs.rows(teacher_logits, vocab)
+    y = _inputs.flat_target(target)
+    divisor = _inputs.divisor(y, s2.shape[0], reduction, num_items, ignore_index, device, acc_dtype(s2.dtype))
     if inplace_grad:
-        if resolved == "torch":
-            raise ValueError("inplace_grad=True needs a fused backend (cpu, cuda, triton), not 'torch'")
+        if "autograd" in registry.implementation("kd", resolved).caps:
+            raise ValueError(f"inplace_grad=True needs a fused backend (cpu, cuda, triton), not {resolved!r}")
         if student_logits.is_leaf and student_logits.requires_grad:
             raise ValueError("inplace_grad=True cannot overwrite a leaf tensor that requires grad; "
                              "pass the output of the student's head (a non-leaf tensor)")
@@ -228,26 +111,26 @@ def kd_loss(
             raise ValueError("inplace_grad=True does not support a teacher that requires grad")
         if s2.data_ptr() != student_logits.data_ptr() or not s2.is_contiguous():
             raise ValueError("inplace_grad=True needs contiguous student_logits")
-        rows = _ops.kd_rows_inplace(s2, t2, y, divisor, **kwargs)
+        rows = kd_rows_inplace(s2, t2, y, divisor, settings, backend=resolved)
     else:
-        rows = _ops.kd_rows(s2, t2, y, divisor, **kwargs)
+        rows = kd_rows(s2, t2, y, divisor, settings, backend=resolved)
+    return _inputs.reduce_rows(rows, reduction, lead_shape)
 
-    if reduction == "none":
-        return rows.reshape(lead_shape)
-    return rows.sum()
+
+_KDLOSS_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "ignore_index",
+                "label_smoothing", "reduction", "t2_scale", "softcap", "num_items", "backend", "inplace_grad")
 
 
 class KDLoss(torch.nn.Module):
-    """``nn.Module`` form of :func:`kd_loss`; the constructor takes the same keyword arguments."""
+    """``nn.Module`` form of :func:`kd_loss`; the constructor takes the same keyword arguments and
+    validates them at once."""
 
     def __init__(self, **kwargs):
         super().__init__()
-        allowed = {"temperature", "soft_weight", "hard_weight", "divergence", "beta", "ignore_index",
-                   "label_smoothing", "reduction", "t2_scale", "softcap", "num_items", "backend",
-                   "inplace_grad"}
-        unknown = set(kwargs) - allowed
+        unknown = set(kwargs) - set(_KDLOSS_KEYS)
         if unknown:
             raise TypeError(f"KDLoss got unexpected keyword arguments {sorted(unknown)}")
+        kd_settings(**{k: v for k, v in kwargs.items() if k not in ("num_items", "inplace_grad")})
         self.kwargs = kwargs
 
     def forward(self, student_logits, teacher_logits, target=None, **overrides):
@@ -255,3 +138,126 @@ class KDLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    sparse_teacher: SparseTeacher,
+    target: Optional[torch.Tensor] = None,
+    *,
+    tail: str = "bucket",
+    temperature: Optional[float] = None,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    divergence: str = "forward_kl",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    t2_scale: bool = True,
+    num_items: Union[int, torch.Tensor, None] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""KD loss against a :class:`SparseTeacher`; the student is normalised over the FULL vocabulary.
+
+    With ``T`` the capture temperature, ``log_q = F.log_softmax(student / T, -1)``, ``I`` the stored
+    ids of a row, ``w`` the stored teacher probabilities (``exp(values)`` or ``counts / N``),
+    ``P = w.sum(-1)`` and ``Q = log_q.exp()[I].sum(-1)``, the soft term ``D`` per row is:
+
+    * ``tail="bucket"`` (top-k): KL over the K+1 buckets {i ∈ I} ∪ {tail}::
+
+          D = (w * (w.log() - log_q[I])).sum(-1) + (1 - P) * (log(1 - P) - log(1 - Q))
+
+      (log(1 − Q) is computed from the complement's own log-sum-exp). With k = V this is
+      exactly ``kd_loss``'s forward KL.
+    * ``tail="renorm"`` (top-k): the teacher renormalised over I (biased; matches tools that store
+      renormalised top-k): ``w' = w / P``, ``D = (w' * (w'.log() - log_q[I])).sum(-1)``.
+    * sampled teachers (any ``tail``; ``"sampled"`` names it): ``D = (w * (w.log() - log_q[I])).sum(-1)``
+      with ``w = counts / N``: its gradient ``(q − counts/N)/T`` is an unbiased estimate of full KD's.
+
+    Then, as in :func:`fastkd.kd_loss` (``keep = target != ignore_index``)::
+
+        loss_row = soft_weight * (T**2 if t2_scale else 1) * D
+                   + hard_weight * F.cross_entropy(student, target, reduction="none",
+                                                   label_smoothing=label_smoothing)
+        loss = loss_row[keep].sum() / keep.sum().clamp_min(1)      # reduction="mean"
+
+    Args:
+        student_logits: ``(..., V)`` float32/bfloat16/float16 (float64 on CPU); its leading dims must
+            hold as many rows as ``sparse_teacher`` (e.g. both ``(B, T)``).
+        sparse_teacher: from :func:`capture` or :meth:`TeacherCache.read`, same device, V equal.
+        target, soft_weight, hard_weight, ignore_index, label_smoothing, reduction, t2_scale,
+            num_items, backend: as in :func:`fastkd.kd_loss`.
+        tail: ``"bucket"`` (default), ``"renorm"`` or ``"sampled"`` (the latter for sampled teachers only).
+        temperature: ``None`` (default) uses the capture temperature; any other value must equal it,
+            since the stored probabilities cannot be re-tempered without the full vocabulary.
+        divergence: only ``"forward_kl"`` (reverse KL and JSD need p on every token the student
+            favours, which a sparse teacher does not have).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or ``(...)`` for ``reduction="none"``.
+    """
+    settings = kd_settings(allow_default_temperature=True, tail=tail, temperature=temperature,
+                           soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
+                           t2_scale=t2_scale, backend=backend)
+    _inputs.check_logits("student_logits", student_logits)
+    st = check_sparse_teacher(sparse_teacher, student_logits.shape[:-1], student_logits.device, settings)
+    vocab = student_logits.shape[-1]
+    if st.vocab_size != vocab:
+        raise ValueError(f"student_logits has V={vocab} but sparse_teacher was captured with "
+                         f"vocab_size={st.vocab_size}")
+    settings = sparse_settings(settings, st)
+    check_hard_target(settings, target, what="class ids of shape student_logits.shape[:-1]")
+    lead = student_logits.shape[:-1]
+    device = student_logits.device
+    if target is not None:
+        _inputs.check_target(target, lead, vocab, ignore_index, device)
+
+    flat = st.flatten()
+    ids = flat.ids if flat.ids.dtype == torch.int64 else flat.ids.long()
+    _inputs.check_sparse_ids(ids, vocab)
+    resolved = registry.resolve("sparse_kd", settings.backend, device)
+    registry.check_dtype("sparse_kd", resolved, student_logits.dtype)
+    acc = acc_dtype(student_logits.dtype)
+    weights = flat.teacher_probs(acc)
+    s2 = _inputs.rows(student_logits, vocab)
+    y = _inputs.flat_target(target)
+    divisor = _inputs.divisor(y, s2.shape[0], reduction, num_items, ignore_index, device, acc)
+    rows = sparse_kd_rows(s2, ids, weights, y, divisor, tail=TAIL_CODES[settings.tail],
+                          temperature=settings.temperature, soft_scale=settings.soft_scale,
+                          hard_weight=settings.hard_weight, ignore_index=ignore_index,
+                          label_smoothing=label_smoothing, backend=resolved)
+    return _inputs.reduce_rows(rows, reduction, lead)
+
+
+def check_sparse_teacher(sparse_teacher, lead_shape, device, settings: KDSettings) -> SparseTeacher:
+    """A SparseTeacher with one row per student row, on the student's device, usable with ``settings``
+    (shared by the single-device and vocab-parallel sparse losses)."""
+    if not isinstance(sparse_teacher, SparseTeacher):
+        raise TypeError(f"sparse_teacher must be a fastkd.SparseTeacher, got {type(sparse_teacher).__name__}")
+    st = sparse_teacher
+    n_rows = math.prod(lead_shape)
+    if math.prod(st.shape) != n_rows:
+        raise ValueError(f"sparse_teacher must hold one row per student row: student leading shape "
+                         f"{tuple(lead_shape)} ({n_rows} rows), sparse_teacher shape {tuple(st.shape)}")
+    if st.device != device:
+        raise ValueError(f"sparse_teacher must be on the student's device {device}, got {st.device}")
+    if st.mode == "topk" and settings.tail == "sampled":
+        raise ValueError("tail='sampled' needs a sampled teacher (capture(mode='sample')); use 'bucket' or "
+                         "'renorm' for a top-k teacher")
+    if settings.divergence != "forward_kl":
+        raise ValueError(f"sparse_kd_loss supports divergence='forward_kl' only, got {settings.divergence!r}")
+    return st
+
+
+def sparse_settings(settings: KDSettings, st: SparseTeacher) -> KDSettings:
+    """The settings a loss against ``st`` runs with: the capture temperature (a given temperature
+    must equal it), and the sampled tail for a sampled teacher."""
+    if settings.temperature is None:
+        settings = settings.with_temperature(st.temperature)
+    if not math.isclose(settings.temperature, st.temperature, rel_tol=1e-6):
+        raise ValueError(f"temperature={settings.temperature} differs from the capture temperature "
+                         f"{st.temperature}; re-capture at this temperature")
+    if st.mode == "sample" and settings.tail != "sampled":
+        settings = settings.replace(tail="sampled")
+    return settings

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ pytest.importorskip("tokenizers")
 
 import fastkd  # noqa: E402
 from fastkd.cli import main  # noqa: E402
-from fastkd.demo import data, run_demo, tokenizer  # noqa: E402
-from fastkd.demo.runs import PeakMemory, evaluate  # noqa: E402
+from fastkd.demo import data, report, run_demo, tokenizer  # noqa: E402
+from fastkd.demo.evaluation import evaluate  # noqa: E402
+from fastkd.demo.memory import PeakMemory  # noqa: E402
 
 HAS_CACHE = all(hasattr(fastkd, n) for n in ("TeacherCache", "capture", "sparse_kd_loss"))
 
@@ -91,6 +93,38 @@ def test_peak_memory_sees_a_large_allocation_but_not_a_paused_one():
     del small
 
 
+def test_demo_package_exports_only_the_public_api():
+    import fastkd.demo as demo
+
+    assert set(demo.__all__) == {"run_demo", "PRESETS", "Preset", "get_preset", "ALL_RUNS", "default_cache_dir"}
+    for name in demo.__all__:
+        assert getattr(demo, name) is not None
+
+
+def _run(label, loss, ppl, bytes_per_token=None):
+    return {"label": label, "heldout_loss": loss, "heldout_ppl": ppl, "cache_bytes_per_token": bytes_per_token}
+
+
+def test_report_says_what_was_measured():
+    runs = {"ce": _run("CE only", 7.0, 1096.6), "kd": _run("full KD", 6.5, 665.1),
+            "cache_topk": _run("top-k", 6.85, 943.9, 236.3), "cache_sample": _run("sampled", 6.51, 671.8, 97.5)}
+    comps = report.comparisons(runs)
+    assert comps["kd"] == {"gain_over_ce": pytest.approx(0.5), "beats_ce": True}
+    assert comps["cache_sample"]["share_of_full_kd_gain"] == pytest.approx(0.98)
+    assert comps["cache_topk"]["gap_to_full_kd"] == pytest.approx(0.7)
+    text = "\n".join(report.findings(runs, comps))
+    assert "full KD lowered the held-out loss by 0.5000 nats/token against CE alone" in text
+    assert "sampled kept 98% of full KD's gain over CE (+0.4900 of +0.5000 nats/token)" in text
+    assert "top-k kept 30% of full KD's gain" in text and "97.5 bytes per token" in text
+    assert not re.search(r"target|missed|\bmet\b|issue", text, re.I)
+    # no gain from full KD: no share of it is claimed
+    runs["kd"] = _run("full KD", 7.1, 1212.0)
+    comps = report.comparisons(runs)
+    assert "share_of_full_kd_gain" not in comps["cache_sample"]
+    text = "\n".join(report.findings(runs, comps))
+    assert "did not improve on CE alone" in text and "% of full KD" not in text
+
+
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--preset", "nope"])
@@ -98,7 +132,7 @@ def test_cli_rejects_bad_arguments(capsys):
     assert "vocab_size" in capsys.readouterr().err
 
 
-def test_demo_tiny_end_to_end_and_cached_second_run(tmp_path):
+def test_demo_tiny_end_to_end_and_cached_second_run(tmp_path, capsys):
     assert main(["demo", "--preset", "tiny", "--cache-dir", str(tmp_path), "--quiet"]) == 0
     out = tmp_path / "demo-tiny"
     summary = json.loads((out / "summary.json").read_text())
@@ -126,7 +160,14 @@ def test_demo_tiny_end_to_end_and_cached_second_run(tmp_path):
     assert summary["teacher"]["heldout"]["loss"] < summary["runs"]["ce"]["heldout_loss"]
 
     # A second invocation reuses the tokenizer, teacher and run results instead of recomputing them.
-    again = run_demo("tiny", cache_dir=str(tmp_path), progress=False)
+    capsys.readouterr()
+    again = run_demo("tiny", cache_dir=str(tmp_path), progress=True)
     assert again["teacher"] == summary["teacher"]
     for name in expected:
         assert again["runs"][name] == summary["runs"][name]
+    printed = capsys.readouterr().out
+    assert printed.count("cached result") == len(expected) and "training the teacher" not in printed
+    assert "lowered the held-out loss" in printed
+    if HAS_CACHE:
+        assert "of full KD's gain over CE" in printed
+    assert not re.search(r"target|missed|\bmet\b", printed, re.I)

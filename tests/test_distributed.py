@@ -439,7 +439,8 @@ def _case_ddp_tensor_parallel(rank, world, group):
 
 def _case_capture(rank, world, group):
     """Distributed capture equals the single-device capture: top-k (ties, −inf columns, k larger
-    than a shard) and sampling (same generator seed on every rank), ids and counts exactly."""
+    than a shard) and sampling, i.i.d. and systematic (same generator seed on every rank), ids and
+    counts exactly."""
     import fastkd
     import fastkd.distributed as fkd
 
@@ -470,13 +471,14 @@ def _case_capture(rank, world, group):
             same_value = picked[..., 1:] == picked[..., :-1]                  # ties: smaller id first
             assert bool((mine.ids[..., 1:] > mine.ids[..., :-1])[same_value].all()), backend
             torch.testing.assert_close(mine.lse, ref.lse, rtol=1e-6, atol=1e-6)
-        for num_samples in (1, 50, 3 * vocab):
+        for num_samples, sampling in ((1, "iid"), (50, "iid"), (3 * vocab, "iid"), (1, "systematic"),
+                                      (50, "systematic"), (3 * vocab, "systematic")):
             gen_mine = torch.Generator().manual_seed(1234 + num_samples)
             gen_ref = torch.Generator().manual_seed(1234 + num_samples)
             mine = fkd.capture(t3[..., a:b], group=group, mode="sample", num_samples=num_samples,
-                               temperature=temperature, generator=gen_mine, **layout)
+                               temperature=temperature, generator=gen_mine, sampling=sampling, **layout)
             ref = fastkd.capture(t3, mode="sample", num_samples=num_samples, temperature=temperature,
-                                 generator=gen_ref, backend="torch")
+                                 generator=gen_ref, sampling=sampling, backend="torch")
             assert torch.equal(mine.ids, ref.ids), (num_samples, mine.ids[:2], ref.ids[:2])
             assert torch.equal(mine.counts, ref.counts), num_samples
             assert int(mine.counts.sum()) == 13 * num_samples

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import fastkd  # noqa: E402
-from fastkd import _reference  # noqa: E402
+from fastkd._reference import kd as _reference  # noqa: E402
 from fastkd.integrations.transformers import DistillationTrainer, head_input_capture  # noqa: E402
 
 V, T = 97, 12  # odd vocabulary and sequence length on purpose

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastkd
-from fastkd import _reference as ref
+from fastkd._reference import kd as ref
 from fastkd import methods as M
 
 D64 = torch.float64

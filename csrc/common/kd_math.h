@@ -1,4 +1,4 @@
-// Row math shared by the CPU and CUDA kd kernels (DESIGN §3), as inline host/device functions.
+// Row math shared by the CPU and CUDA kd kernels, as inline host/device functions.
 //
 // The kernel contract has two phases: `stats(slice)` reduces a vocabulary slice of one row to a
 // RowStats, and `finish(slice, merged stats)` writes that slice's gradient and the row's loss.
@@ -11,11 +11,15 @@
 // log-ratios of the max-shifted logits, (s_t − m_t) − (s_z − m_z): the KL is then a difference of
 // O(log V) terms instead of log-normalisers of size |logits|/τ, so its rounding does not grow with
 // the logits' magnitude (peaked rows) and is exactly 0 for identical rows.
+//
+// The settings (KDArgs) and the problem description of a call are in common/problems.h.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "common/problems.h"
 
 #if defined(__CUDACC__)
 #define FASTKD_HD __host__ __device__ __forceinline__
@@ -25,24 +29,8 @@
 
 namespace fastkd {
 
-enum Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
-
-// Scalar settings of one call. soft_scale = soft_weight · (τ² if t2_scale); softcap 0 means none.
-// Held in double so float64 inputs see the exact Python values; float kernels round them once.
-struct KDArgs {
-  double temperature;
-  double soft_scale;
-  double hard_weight;
-  int divergence;
-  double beta;
-  int64_t ignore_index;
-  double label_smoothing;
-  double softcap;
-  bool has_target;
-};
-
-// Partial statistics of one row over a vocabulary slice. Laid out as kStatsWidth consecutive
-// values so a (N, kStatsWidth) tensor can be all-gathered and merged (see merge_stats).
+// Partial statistics of one row over a vocabulary slice. Laid out as the first kStatsWidth − 1
+// values of a stats row, so a (N, kStatsWidth) tensor can be all-gathered and merged (merge_stats).
 template <typename T>
 struct RowStats {
   T m_z, d_z;  // max of s_z, Σ exp(s_z − m_z)
@@ -53,7 +41,9 @@ struct RowStats {
   T sum_z;     // Σ z (label smoothing)
   T z_y;       // z at the target if the target lies in this slice, else 0
 };
-constexpr int kStatsWidth = 11;  // 10 stats + a NaN flag (any NaN in the slice's inputs)
+static_assert(sizeof(RowStats<float>) == sizeof(float) * (kStatsWidth - 1) &&
+                  sizeof(RowStats<double>) == sizeof(double) * (kStatsWidth - 1),
+              "a stats row is the RowStats fields followed by the NaN flag");
 
 template <typename T>
 FASTKD_HD T neg_inf() {

@@ -5,7 +5,7 @@
 // Never materialised: p, q, log-probabilities, the softcapped logits, any float32 upcast of a
 // bf16/fp16 row. The only N×V memory written is the gradient itself (input dtype).
 //
-// Passes over each row (DESIGN §3): forward/reverse KL + CE read the row twice (online stats, then
+// Passes over each row: forward/reverse KL + CE read the row twice (online stats, then
 // the gradient write); JSD three times (its S = KL(q‖m) needs the final normalisers). A row of
 // V = 32000 float32 logits pair is 256 KB, so the second pass mostly hits L2, not DRAM.
 //
@@ -25,6 +25,8 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+
+#include "common/kd_math.h"
 
 // x86-64: every row function is compiled twice, for AVX2+FMA and for the baseline, and picked at
 // run time from __builtin_cpu_supports("avx2"/"fma"). (target_clones("arch=haswell") resolved to the
@@ -264,7 +266,7 @@ FASTKD_INLINE int load_chunk(const In* src, int n, const Ctx<Acc>& c, Acc* raw, 
   return np;
 }
 
-// Online stats of one row slice (DESIGN §3 pass 1). Returns true if any input is NaN.
+// Online stats of one row slice (pass 1). Returns true if any input is NaN.
 template <typename In, typename Acc>
 FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_local, const Ctx<Acc>& c,
                              RowStats<Acc>& s) {

@@ -1,11 +1,14 @@
-// Device helpers shared by the CUDA kernel files (kd.cu, cache.cu): element types <-> float, the
-// 16-byte vector width of a row element. Header-only; nvcc and the host emulation in tests/cuda_emu
-// both compile it.
+// Helpers shared by the CUDA kernel files (kd.cu, capture.cu, sparse_kd.cu): element types <->
+// float, the 16-byte vector width of a row element, and the host-side check of a CUDA runtime call.
+// Header-only; nvcc and the host emulation in tests/cuda_emu both compile it.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
 
 namespace fastkd {
 namespace cuda_common {
@@ -30,6 +33,12 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <>
 __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+// Throws std::runtime_error naming `what` when a CUDA runtime call failed.
+inline void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fastkd CUDA: ") + what + ": " + cudaGetErrorString(err));
+}
 
 }  // namespace cuda_common
 }  // namespace fastkd

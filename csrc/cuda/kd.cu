@@ -5,12 +5,13 @@
 // bf16/fp16 row. The only N×V memory written is the gradient itself, in the input dtype, rounded
 // once from float32.
 //
-// Structure (DESIGN §3): one thread block per row. Pass 1 reads the row once with 16-byte loads and
+// Structure: one thread block per row. Pass 1 reads the row once with 16-byte loads and
 // reduces it to a RowStats (online max + rescaled sums, per thread, then a fixed shuffle/shared
 // tree: bitwise deterministic, no atomics). JSD adds a pass for S_q/S_p. The last pass re-reads the
 // row and writes the gradient; it walks the row backwards, so the tail that pass 1 read last is
-// still in L2 when it is needed again. The same block body runs the four modes of cpu/kd.h, so the
-// vocab-parallel loss reuses it shard by shard (stats, [JSD sums], finish).
+// still in L2 when it is needed again. The same block body runs the four modes of KDProblem
+// (common/problems.h), so the vocab-parallel loss reuses it shard by shard (stats, [JSD sums],
+// finish).
 //
 // Preconditions: unit column stride; any row stride (16-byte loads are used when every row pointer
 // shares the same misalignment, scalar loads otherwise); 64-bit offsets everywhere; float32, bf16
@@ -22,7 +23,6 @@
 #include <cfloat>
 #include <cstdint>
 #include <stdexcept>
-#include <string>
 
 #include "common/kd_math.h"
 #include "cuda/common.cuh"
@@ -31,6 +31,7 @@
 namespace fastkd {
 namespace {
 
+using cuda_common::check;
 using cuda_common::from_f;
 using cuda_common::kFull;
 using cuda_common::to_f;
@@ -377,8 +378,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
         load<T, 1, false>(t + j, tr, c);
         stats_chunk<DIV, 1>(s, zr, tr, c);
       }
+      // z at the target is read BEFORE the block merge, by one thread (the merge adds z_y up): the
+      // merge's barriers then order the read before every gradient store, which matters when the
+      // gradient overwrites z in place (inplace_grad, the fused linear loss). Read after the merge,
+      // a warp already in the gradient pass could overwrite z[y] before a slower warp read it.
+      if (have_y && threadIdx.x == 0) s.z_y = softcap(to_f(z[y_local]), c);
       s = block_merge(s, sbuf);
-      if (have_y) s.z_y = softcap(to_f(z[y_local]), c);
       // a NaN input reaches d_z or d_t through exp(NaN) (fmaxf alone would have dropped it)
       has_nan = isnan(s.d_z) || isnan(s.d_t);
       if (P.mode == kStats) {
@@ -564,34 +569,29 @@ void launch_dtype(const KDProblem& P, cudaStream_t stream) {
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("fastkd CUDA: ") + what + ": " + cudaGetErrorString(err));
-}
-
 }  // namespace
 
-void scale_rows_cuda(int64_t grad, int64_t n, int64_t v, int64_t stride, int dtype, int64_t g,
-                     int64_t g_stride, int device, int64_t stream_handle) {
+void scale_rows_cuda(int64_t grad, int64_t n, int64_t v, int64_t stride, int dtype, int64_t factors,
+                     int64_t factors_stride, int device, int64_t stream_handle) {
   if (n <= 0 || v <= 0) return;
   int previous = -1;
   check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
   const unsigned grid = unsigned(n < (int64_t(1) << 30) ? n : (int64_t(1) << 30));
-  const float* gp = reinterpret_cast<const float*>(static_cast<intptr_t>(g));
+  const float* gp = reinterpret_cast<const float*>(static_cast<intptr_t>(factors));
   switch (dtype) {
     case kF32:
       scale_rows_kernel<float><<<grid, pick_threads<float>(v), 0, stream>>>(
-          reinterpret_cast<float*>(static_cast<intptr_t>(grad)), n, v, stride, gp, g_stride);
+          reinterpret_cast<float*>(static_cast<intptr_t>(grad)), n, v, stride, gp, factors_stride);
       break;
     case kBF16:
       scale_rows_kernel<__nv_bfloat16><<<grid, pick_threads<__nv_bfloat16>(v), 0, stream>>>(
-          reinterpret_cast<__nv_bfloat16*>(static_cast<intptr_t>(grad)), n, v, stride, gp, g_stride);
+          reinterpret_cast<__nv_bfloat16*>(static_cast<intptr_t>(grad)), n, v, stride, gp, factors_stride);
       break;
     case kF16:
       scale_rows_kernel<__half><<<grid, pick_threads<__half>(v), 0, stream>>>(
-          reinterpret_cast<__half*>(static_cast<intptr_t>(grad)), n, v, stride, gp, g_stride);
+          reinterpret_cast<__half*>(static_cast<intptr_t>(grad)), n, v, stride, gp, factors_stride);
       break;
     default:
       if (previous != device) cudaSetDevice(previous);

@@ -1,22 +1,25 @@
-"""Student runs at one common budget, held-out evaluation (loss, perplexity, ECE) and measurement
-(tokens/s, peak memory, cache bytes/token). Every run trains through
-:class:`fastkd.integrations.transformers.DistillationTrainer`."""
+"""Student runs at one common budget, each measured (held-out loss, perplexity, ECE, tokens/s, peak
+memory, cache bytes/token) and its result cached under ``<out_dir>/runs/<run>-<key>.json``. Every run
+trains through :class:`fastkd.integrations.transformers.DistillationTrainer`."""
 from __future__ import annotations
 
-import ctypes
-import json
-import math
+import dataclasses
 import os
 import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 import fastkd
+from fastkd._backends import registry
 
-from .presets import Preset
+from .environment import autocast_dtype
+from .evaluation import heldout_evaluator
+from .memory import PeakMemory
+from .presets import KD_ONLY_FIELDS, Preset
+from .storage import cache_key, load_json, save_json
 
 RUN_LABELS = {
     "ce": "CE only",
@@ -38,112 +41,6 @@ class BlockDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         x = self.blocks[i]
         return {"input_ids": x, "labels": x, "sample_id": torch.tensor(i, dtype=torch.long)}
-
-
-# ---------------------------------------------------------------------------------------------
-# held-out metrics
-# ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, heldout: torch.Tensor, *, batch_size: int, device: torch.device, n_bins: int = 15,
-             autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Next-token held-out loss (nats/token), perplexity, top-1 accuracy and expected calibration
-    error (top-1 confidence in ``n_bins`` equal-width bins, |accuracy − confidence| weighted by the
-    bin's share of tokens)."""
-    was_training = model.training
-    model.eval()
-    nll_sum = torch.zeros((), dtype=torch.float64)
-    conf_b = torch.zeros(n_bins, dtype=torch.float64)
-    acc_b = torch.zeros(n_bins, dtype=torch.float64)
-    cnt_b = torch.zeros(n_bins, dtype=torch.float64)
-    for s in range(0, heldout.shape[0], batch_size):
-        x = heldout[s:s + batch_size].to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids=x).logits[:, :-1]
-        logp = torch.log_softmax(logits.float(), dim=-1).flatten(0, 1)
-        y = x[:, 1:].reshape(-1)
-        nll_sum += -logp.gather(1, y[:, None]).sum().double().cpu()
-        conf, pred = logp.max(dim=-1)
-        conf = conf.exp()
-        b = (conf * n_bins).long().clamp_(max=n_bins - 1)
-        conf_b += torch.bincount(b, weights=conf, minlength=n_bins).double().cpu()
-        acc_b += torch.bincount(b, weights=(pred == y).float(), minlength=n_bins).double().cpu()
-        cnt_b += torch.bincount(b, minlength=n_bins).double().cpu()
-    n = cnt_b.sum().item()
-    loss = nll_sum.item() / n
-    model.train(was_training)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "top1": acc_b.sum().item() / n,
-            "ece": (acc_b - conf_b).abs().sum().item() / n, "tokens": int(n)}
-
-
-# ---------------------------------------------------------------------------------------------
-# peak memory
-# ---------------------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory of the training steps of one run, above the memory held when measuring starts.
-
-    CUDA: the allocator's peak. CPU: the process's peak resident set (Linux VmHWM, reset through
-    /proc/self/clear_refs), after returning freed heap pages to the OS (malloc_trim) so that memory
-    an earlier run or an evaluation freed does not count. ``pause()``/``resume()`` bracket work that
-    must not count (the held-out evaluation)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_hwm"
-        self.base = 0
-        self.best = 0
-        self.started = False
-
-    @staticmethod
-    def _status(key: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
-
-    def _reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        except OSError:
-            self.kind = "unavailable"
-
-    def _current_peak(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device)
-        return self._status("VmHWM") or 0
-
-    def start(self) -> None:
-        self._reset()
-        self.base = (torch.cuda.memory_allocated(self.device) if self.device.type == "cuda"
-                     else self._status("VmRSS") or 0)
-        self.best = self.base
-        self.started = True
-
-    def pause(self) -> None:
-        if self.started:
-            self.best = max(self.best, self._current_peak())
-
-    def resume(self) -> None:
-        if self.started:
-            self._reset()
-
-    def peak_mib(self) -> Optional[float]:
-        if not self.started or self.kind == "unavailable":
-            return None
-        return (max(self.best, self._current_peak()) - self.base) / 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,11 +127,9 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
     from .models import build_model, n_params
 
     hf_logging.set_verbosity_error()
-    autocast = torch.bfloat16 if preset.autocast_bf16 and device.type == "cuda" else None
+    autocast = autocast_dtype(preset.autocast_bf16, device)
     student = build_model(preset.student, preset.vocab_size, preset.seq_len, preset.seed).to(device)
-
-    def eval_fn(model):
-        return evaluate(model, heldout, batch_size=8, device=device, autocast_dtype=autocast)
+    eval_fn = heldout_evaluator(heldout, device, autocast)
 
     mem = PeakMemory(device)
     cb = _callback_class()(eval_fn, preset.eval_every, name, mem, progress)
@@ -277,7 +172,7 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
         "peak_mem_mib": peak, "peak_mem_kind": mem.kind, "history": cb.history,
         "cache_bytes_per_token": None, "cache_rows": None,
         "loss_path": "model's own CE (full logits)" if name == "ce" else "fastkd.fused_linear_kd_loss",
-        "backend": fastkd._ops.resolve_backend("auto", device) if name != "ce" else None,
+        "backend": None if name == "ce" else registry.resolve("kd" if name == "kd" else "sparse_kd", "auto", device),
     }
     if cache is not None:
         result["cache_bytes_per_token"] = cache_bytes_per_token(cache)
@@ -289,8 +184,48 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
     return result
 
 
-def save_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+
+def run_key(p: Preset, name: str, teacher_key: str, device: torch.device) -> str:
+    """The cache key of one run's result: every preset field it reads (the CE run ignores the KD
+    settings), the teacher, the fastkd version and the device."""
+    settings = dataclasses.asdict(p)
+    settings.pop("runs")
+    if name == "ce":
+        for field in KD_ONLY_FIELDS:
+            settings.pop(field, None)
+    return cache_key(settings, name, teacher_key, fastkd.__version__, str(device))
+
+
+def has_teacher_cache() -> bool:
+    """Whether this build of fastkd has what the cached runs need."""
+    return all(hasattr(fastkd, n) for n in ("TeacherCache", "capture", "sparse_kd_loss"))
+
+
+def run_students(p: Preset, *, train_blocks: np.ndarray, heldout: torch.Tensor, teacher, teacher_key: str,
+                 dataset_fp: str, out_dir: str, device: torch.device, force: bool, progress: bool,
+                 say: Callable[[str], None]) -> Tuple[Dict[str, Dict], Dict[str, str]]:
+    """Every run of ``p.runs``, a cached result reused unless ``force``. Returns ``(results, skipped)``:
+    results by run name, and why a run was skipped (a build without the teacher cache)."""
+    has_cache = has_teacher_cache()
+    results: Dict[str, Dict] = {}
+    skipped: Dict[str, str] = {}
+    run_dir = os.path.join(out_dir, "runs")
+    os.makedirs(run_dir, exist_ok=True)
+    for name in p.runs:
+        if name.startswith("cache_") and not has_cache:
+            skipped[name] = "fastkd.TeacherCache / capture / sparse_kd_loss are not available in this build"
+            say(f"[fastkd demo] skipping {name}: {skipped[name]}")
+            continue
+        rpath = os.path.join(run_dir, f"{name}-{run_key(p, name, teacher_key, device)}.json")
+        if os.path.exists(rpath) and not force:
+            results[name] = load_json(rpath)
+            say(f"[fastkd demo] {RUN_LABELS[name]}: cached result (use --force to rerun)")
+            continue
+        say(f"[fastkd demo] student run: {RUN_LABELS[name]}")
+        t0 = time.perf_counter()
+        results[name] = run_student(name, p, train_blocks=train_blocks, heldout=heldout, teacher=teacher,
+                                    teacher_name=f"demo-teacher-{teacher_key}", dataset_fp=dataset_fp,
+                                    work_dir=out_dir, device=device, progress=progress)
+        results[name]["wall_seconds"] = time.perf_counter() - t0
+        save_json(results[name], rpath)
+    return results, skipped

@@ -21,9 +21,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
                       "(pip install transformers accelerate)") from exc
 
 import fastkd
+from fastkd._settings import check, kd_settings
 
-_KD_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "label_smoothing",
-            "t2_scale", "softcap", "backend")
 
 
 @contextlib.contextmanager
@@ -111,15 +110,14 @@ class DistillationTrainer(Trainer):
                             f"got {type(teacher).__name__}")
         if teacher_cache is not None and (cache_cls is None or not isinstance(teacher_cache, cache_cls)):
             raise TypeError(f"teacher_cache must be a fastkd.TeacherCache, got {type(teacher_cache).__name__}")
-        if tail not in (None, "bucket", "renorm", "sampled"):
-            raise ValueError(f"tail must be None, 'bucket', 'renorm' or 'sampled', got {tail!r}")
+        if tail is not None:
+            check("tail", tail)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         # Validate the loss settings now rather than at the first step.
-        fastkd.kd_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long),
-                       temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                       divergence=divergence, beta=beta, label_smoothing=label_smoothing,
-                       t2_scale=t2_scale, softcap=softcap, backend="torch")
+        kd_settings(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+                    divergence=divergence, beta=beta, label_smoothing=label_smoothing, t2_scale=t2_scale,
+                    softcap=softcap, backend=backend)
         super().__init__(*args, **kwargs)
         self.kd_settings = dict(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
                                 divergence=divergence, beta=beta, label_smoothing=label_smoothing,

@@ -107,7 +107,7 @@ inline float __int_as_float(unsigned i) {
 }
 using std::isnan;
 
-// ---- Additions for csrc/cuda/cache.cu (tests/test_cuda_emulated_cache.py) --------------------------
+// ---- Additions for csrc/cuda/capture.cu, sparse_kd.cu (tests/test_cuda_emulated_cache.py) ---------
 // Dynamic shared memory (`extern __shared__` is rewritten by the test to read emu::dyn_smem), warp
 // votes/exchanges of any type, block votes, shared-memory atomics, device attributes.
 namespace emu {

@@ -1,0 +1,1 @@
+"""fastkd backends: see README.md in this directory for how dispatch works."""

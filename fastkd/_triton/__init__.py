@@ -1,1 +1,0 @@
-"""Triton kernels (optional: imported lazily, never needed to import fastkd)."""
