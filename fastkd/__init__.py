@@ -1,6 +1,7 @@
 """fastkd: fused, memory-lean knowledge-distillation losses for large-vocabulary outputs."""
 import importlib
 
+from . import _ext  # noqa: F401  (loads the compiled kernels now: a failed load warns at import, saying why)
 from .losses import KDLoss, kd_loss
 
 __version__ = "0.1.0"

@@ -237,6 +237,53 @@ def test_the_api_check_catches_a_removed_parameter():
 
 
 # ------------------------------------------------------------------------------------------------
+# The kernels this build must provide
+# ------------------------------------------------------------------------------------------------
+def test_the_compiled_kernels_are_loaded_and_registered():
+    """The suite never runs green on the reference alone: the C++ kernels are registered for every
+    op family they implement; with a CUDA device and a build made with nvcc, the CUDA kernels too;
+    the Triton kernels wherever Triton can run (a CUDA device, or its interpreter)."""
+    import shutil
+
+    from fastkd import _ext
+
+    assert _ext.C is not None, f"fastkd._C did not load: {_ext.LOAD_ERROR}"
+    for op in ("kd", "kd_shard", "capture_topk", "capture_sample", "sparse_kd"):
+        assert registry.find(op, "cpu", "cpu") is not None, f"the cpu backend lacks {op}"
+    if torch.cuda.is_available() and shutil.which("nvcc"):
+        assert _ext.C.built_with_cuda(), "a CUDA device and nvcc are here, but fastkd._C has no CUDA kernels"
+        for op in ("kd", "kd_shard", "scale_rows", "capture_topk", "capture_sample", "sparse_kd"):
+            assert registry.find(op, "cuda", "cuda") is not None, f"the cuda backend lacks {op}"
+    device = "cuda" if torch.cuda.is_available() else ("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None)
+    if device is not None:
+        pytest.importorskip("triton")
+        for op in ("kd", "scale_rows", "capture_topk", "capture_sample", "sparse_kd"):
+            assert registry.find(op, "triton", device) is not None, \
+                f"the triton backend lacks {op}: {registry.why_unavailable('triton')}"
+
+
+def test_a_missing_extension_fails_the_import_when_required(tmp_path):
+    """With FASTKD_REQUIRE_EXTENSION=1 (the suite's setting), a package without fastkd._C does not
+    import: a copy of the package without the compiled module, imported in a fresh process."""
+    import shutil
+    import subprocess
+
+    shutil.copytree(PKG, tmp_path / "fastkd", ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__.lower()];"
+            f"sys.path.insert(0, {str(tmp_path)!r}); import fastkd")
+    env = dict(os.environ, FASTKD_REQUIRE_EXTENSION="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=str(tmp_path))
+    assert r.returncode != 0
+    assert "FASTKD_REQUIRE_EXTENSION is set but no compiled module fastkd._C" in r.stderr, r.stderr[-2000:]
+    # without the requirement it imports, and says why it is slow
+    env["FASTKD_REQUIRE_EXTENSION"] = "0"
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, env=env,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the compiled kernels are unavailable" in r.stderr and "no compiled module fastkd._C" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
 # One dispatch rule
 # ------------------------------------------------------------------------------------------------
 CPU = torch.device("cpu")

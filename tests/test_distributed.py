@@ -103,6 +103,21 @@ def _loss_and_grads(s, t, y, dtype, teacher_grad, gout, fn, **kw):
     return loss.detach(), s.grad, t.grad
 
 
+def _oracle(s, t, y, *, reduction="mean", num_items=None, ignore_index=-100, **kw):
+    """The float64 reference rows of ``fastkd/_reference/kd.py``, reduced here (not by kd_loss)."""
+    from fastkd._reference.kd import kd_loss_rows
+
+    rows = kd_loss_rows(s, t, y, ignore_index=ignore_index, **kw)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if num_items is not None:
+        return rows.sum() / float(num_items)
+    count = rows.shape[0] if y is None else int((y != ignore_index).sum())
+    return rows.sum() / max(count, 1)
+
+
 def _run_case(rank, world, group, cfg):
     """Sharded loss and gradient slices vs the float64 oracle and the single-device loss.
 
@@ -122,14 +137,16 @@ def _run_case(rank, world, group, cfg):
     teacher_grad = cfg.get("teacher_grad", False)
     tol = cfg.get("tol", RTOL)
     s, t, y = _make_inputs(cfg["seed"], n, vocab, world=world, **cfg.get("inputs", {}))
+    if y is not None and "ignore_index" in kw:  # the ignored rows carry this run's ignore_index
+        y = torch.where(y == -100, torch.full_like(y, kw["ignore_index"]), y)
     gout = _grad_output(reduction, n, cfg["seed"])
 
-    # oracle: single device, float64. Columns that are −inf in both logits get −1e4 instead: the
-    # same value in float64 (exp underflows to exactly 0) without autograd's 0·(−inf − −inf) = NaN.
+    # oracle: the float64 reference rows, reduced here. Columns that are −inf in both logits get
+    # −1e4 instead: the same value in float64 (exp underflows to exactly 0) without autograd's
+    # 0·(−inf − −inf) = NaN.
     s_fin = torch.where(torch.isneginf(s), torch.full_like(s, -1e4), s)
     t_fin = torch.where(torch.isneginf(t), torch.full_like(t, -1e4), t)
-    ref = _loss_and_grads(s_fin, t_fin, y, torch.float64, teacher_grad, gout,
-                          fastkd.kd_loss, backend="torch", **kw)
+    ref = _loss_and_grads(s_fin, t_fin, y, torch.float64, teacher_grad, gout, _oracle, **kw)
     # the single-device loss in the same dtype (whatever backend "auto" picks on this machine)
     one = _loss_and_grads(s_fin, t_fin, y, dtype, teacher_grad, gout, fastkd.kd_loss, **kw)
 
@@ -195,6 +212,12 @@ def _kd_cases(world):
                              kw=dict(temperature=2.0, hard_weight=0.5))
     cases["float16_jsd"] = dict(common, seed=16, vocab=v_even, dtype=torch.float16, teacher_grad=True,
                                 kw=dict(divergence="jsd", beta=0.6, hard_weight=0.5, reduction="none"))
+    for ignore_index in (-1, 7):  # rows ignored under an ignore_index other than -100
+        for reduction, num_items in (("mean", None), ("mean", 19), ("sum", None), ("none", None)):
+            tag = f"ignore{ignore_index}_{reduction}" + ("_num_items" if num_items else "")
+            cases[tag] = dict(common, seed=20 + ignore_index, vocab=v_even, kw=dict(
+                hard_weight=0.5, divergence="jsd" if ignore_index == 7 else "forward_kl", ignore_index=ignore_index,
+                reduction=reduction, **({"num_items": num_items} if num_items else {})))
     uneven = 1271 if world == 2 else 507
     cases["uneven_explicit_layout"] = dict(n=41 if world == 2 else 25, seed=14, vocab=uneven,
                                            explicit_layout=True,
@@ -536,6 +559,7 @@ def _worker_main(rank, world, init_file, out_path):
     from datetime import timedelta
 
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same global RNG state on every rank (inputs use explicit generators)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=90))
     results = {}

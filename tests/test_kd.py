@@ -119,6 +119,23 @@ def test_reductions_and_num_items(use_backend, backend, reduction):
 
 
 @pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-1, 7])
+@pytest.mark.parametrize("reduction, num_items", [("mean", None), ("mean", 5), ("sum", None), ("none", None)])
+def test_custom_ignore_index_under_every_reduction(use_backend, backend, ignore_index, reduction, num_items):
+    """Rows whose target is ``ignore_index`` (not -100) contribute nothing and are not counted."""
+    use_backend(backend)
+    z, t, y = logits(9, 40, seed=60 + ignore_index)
+    y[[1, 4, 6]] = ignore_index
+    kw = dict(hard_weight=0.5, temperature=1.5, ignore_index=ignore_index, reduction=reduction)
+    if num_items is not None:
+        kw["num_items"] = num_items
+    go = grad_weights((9,) if reduction == "none" else (), seed=61)
+    got = run(backend, z, t, y, go, **kw)
+    check(backend, got, oracle(z, t, y, go, **kw))
+    assert (got[1][[1, 4, 6]] == 0).all() and (got[2][[1, 4, 6]] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
 @pytest.mark.parametrize("reduction", REDS)
 def test_all_ignored_batch(use_backend, backend, reduction):
     use_backend(backend)

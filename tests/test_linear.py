@@ -10,10 +10,14 @@ import pytest
 import torch
 
 import fastkd
+from fastkd._reference.kd import kd_loss_rows
+from fastkd._reference.sparse_kd import sparse_kd_rows
 from fastkd.linear import fused_linear_kd_loss, pick_chunk_size
 
 CPU = torch.device("cpu")
 BACKENDS = ["torch", "cpu"]
+DIVS = ["forward_kl", "reverse_kl", "jsd"]
+REDS = ["mean", "sum", "none"]
 # subprocesses import the same fastkd as this process, installed or not
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastkd.__file__)))
 
@@ -49,17 +53,34 @@ def make_problem(n, hs_dim, ht_dim, v_s, v_t=None, *, dtype=torch.float32, seed=
 
 
 def reference(tensors, y, vocab=None, grad_out=None, **kw):
-    """Unfused float64 oracle: kd_loss on the materialised logits; returns loss and six grads."""
+    """Unfused float64 oracle: the reference rows of the materialised logits, reduced here; returns
+    the loss and the six gradients."""
     leaves = [None if x is None else x.detach().double().requires_grad_(x.requires_grad) for x in tensors]
     hs, ws, bs, ht, wt, bt = leaves
     v = ws.shape[0] if vocab is None else vocab
     zs = hs @ ws[:v].T + (0 if bs is None else bs[:v])
     zt = ht @ wt[:v].T + (0 if bt is None else bt[:v])
-    loss = fastkd.kd_loss(zs, zt, y, backend="torch", **kw)
+    loss = reduce_rows(kd_loss_rows, zs, zt, y, **kw)
     wrt = [x for x in leaves if x is not None and x.requires_grad]
     g = torch.ones_like(loss) if grad_out is None else grad_out.double()
     grads = iter(torch.autograd.grad(loss, wrt, g))
     return loss, [next(grads) if (x is not None and x.requires_grad) else None for x in leaves]
+
+
+def reduce_rows(rows_fn, z, teacher, y, *, reduction="mean", num_items=None, ignore_index=-100, **kw):
+    """``rows_fn`` (a reference of ``fastkd/_reference/``) per row of the leading shape, reduced here."""
+    lead = z.shape[:-1]
+    flat_y = None if y is None else y.reshape(-1)
+    teacher = teacher.reshape(-1, teacher.shape[-1]) if isinstance(teacher, torch.Tensor) else teacher
+    rows = rows_fn(z.reshape(-1, z.shape[-1]), teacher, flat_y, ignore_index=ignore_index, **kw)
+    if reduction == "none":
+        return rows.reshape(lead)
+    if reduction == "sum":
+        return rows.sum()
+    if num_items is not None:
+        return rows.sum() / float(num_items)
+    count = rows.shape[0] if flat_y is None else int((flat_y != ignore_index).sum())
+    return rows.sum() / max(count, 1)
 
 
 def fused(tensors, y, grad_out=None, **kw):
@@ -91,7 +112,7 @@ def assert_matches(got, ref, rtol=2e-5, what=""):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference(backend, divergence, reduction):
     # odd N, a chunk that does not divide it, trainable teacher, scattered ignored rows
-    tensors, y = make_problem(37, 24, 20, 101, seed=hash((divergence, reduction)) % 1000,
+    tensors, y = make_problem(37, 24, 20, 101, seed=10 * DIVS.index(divergence) + REDS.index(reduction),
                               teacher_grad=True, ignore_every=4, scale=3.0)
     kw = dict(temperature=1.7, soft_weight=0.8, hard_weight=0.35, divergence=divergence, beta=0.3,
               label_smoothing=0.05, reduction=reduction)
@@ -99,6 +120,23 @@ def test_matches_reference(backend, divergence, reduction):
     got = fused(tensors, y, grad_out=g, chunk_size=13, backend=backend, **kw)
     assert got[0].dtype == torch.float32
     assert_matches(got, reference(tensors, y, grad_out=g, **kw), what=f"{backend} {divergence} {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ignore_index", [-1, 7])
+@pytest.mark.parametrize("reduction, num_items", [("mean", None), ("mean", 5), ("sum", None), ("none", None)])
+def test_custom_ignore_index_under_every_reduction(backend, ignore_index, reduction, num_items):
+    """Rows whose target is ``ignore_index`` (not -100) contribute nothing and are not counted, in
+    a chunk loop whose chunks do not divide the batch."""
+    tensors, y = make_problem(23, 12, 10, 41, seed=65 + ignore_index, teacher_grad=True)
+    y[[1, 4, 6, 20]] = ignore_index
+    kw = dict(hard_weight=0.5, temperature=1.5, ignore_index=ignore_index, reduction=reduction)
+    if num_items is not None:
+        kw["num_items"] = num_items
+    g = torch.rand(23, dtype=torch.float64, generator=torch.Generator().manual_seed(66)) + 0.5 \
+        if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
+    got = fused(tensors, y, grad_out=g, chunk_size=5, backend=backend, **kw)
+    assert_matches(got, reference(tensors, y, grad_out=g, **kw), what=f"{backend} {ignore_index} {reduction}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -310,7 +348,7 @@ def test_torch_compile_eager_backend():
                                                  ("sampled", "sample", "sum")])
 def test_sparse_teacher(backend, tail, mode, reduction):
     """A cached SparseTeacher in place of the teacher head equals sparse_kd_loss on full logits."""
-    from fastkd.cache import capture, sparse_kd_loss
+    from fastkd.cache import capture
 
     tensors, y = make_problem(26, 16, 16, 83, seed=6, ignore_every=4, scale=2.0, lead=(2, 13))
     hs, ws, bs, ht, wt, bt = tensors
@@ -323,7 +361,15 @@ def test_sparse_teacher(backend, tail, mode, reduction):
     g = torch.rand_like(loss) + 0.5
     grads = torch.autograd.grad(loss, [hs, ws, bs], g)
     hs64, ws64, bs64 = (x.detach().double().requires_grad_() for x in (hs, ws, bs))
-    ref = sparse_kd_loss(hs64 @ ws64.T + bs64, st, y, **dict(kw, backend="torch"))
+    flat = st.flatten()
+
+    def rows(z, _teacher, y_, *, ignore_index, hard_weight, tail):
+        return sparse_kd_rows(z, flat.ids, flat.teacher_probs(torch.float64), y_, tail=tail,
+                              temperature=1.5, soft_scale=1.5 ** 2, hard_weight=hard_weight,
+                              ignore_index=ignore_index, label_smoothing=0.0)
+
+    ref = reduce_rows(rows, hs64 @ ws64.T + bs64, None, y, hard_weight=0.3,
+                      tail="sampled" if mode == "sample" else tail, reduction=reduction)
     refg = torch.autograd.grad(ref, [hs64, ws64, bs64], g.double())
     torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
     for a, b in zip(grads, refg):

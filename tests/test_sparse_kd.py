@@ -99,6 +99,27 @@ def test_cpu_matches_reference(mode, tail, dtype, reduction):
     assert (gz[[3, 17, 30]] == 0).all()  # ignored rows: no gradient
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton", "cuda_emu"])
+@pytest.mark.parametrize("ignore_index", [-1, 7])
+@pytest.mark.parametrize("reduction, num_items", [("mean", None), ("mean", 5), ("sum", None), ("none", None)])
+def test_custom_ignore_index_under_every_reduction(use_backend, backend, ignore_index, reduction, num_items):
+    """Rows whose target is ``ignore_index`` (not -100) contribute nothing and are not counted."""
+    use_backend(backend)
+    n, v = 9, 60
+    st = capture(teacher_logits(n, v, seed=62), k=6, temperature=1.3)
+    z = teacher_logits(n, v, seed=63)
+    y = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(64))
+    y[[1, 4, 6]] = ignore_index
+    kw = dict(hard_weight=0.5, ignore_index=ignore_index)
+    if num_items is not None:
+        kw["num_items"] = num_items
+    loss, gz, go = _loss_and_grad(z, st, y, backend, reduction, **kw)
+    ref, gref = _oracle(z, st, y, "bucket", reduction, go, **kw)
+    _close(loss, ref, 1e-5, "loss vs float64")
+    _close(gz, gref, 1e-5 * float(gref.abs().max()), "grad vs float64")
+    assert (gz[[1, 4, 6]] == 0).all()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("hard", [0.0, 0.5])
 def test_topk_k_equals_v_is_kd_loss(backend, hard):
