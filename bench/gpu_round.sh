@@ -4,14 +4,20 @@
 #
 #   bash bench/gpu_round.sh OUTDIR [STAGE ...]
 #
-# Stages (default: all, in this order): env build test quick cache linear bench full
+# Stages (default: all but resources, in this order): env build test quick paths cache linear bench full
 #   env    nvidia-smi, versions
 #   build  pip install --no-build-isolation --no-deps -e .  (FASTKD_CUDA=ON; archs: FASTKD_CUDA_ARCHS,
 #          default "80;90")
-#   test   pytest -m gpu tests/test_kd_gpu.py (+ any other gpu-marked tests)
+#   resources  (not in the default list: it needs no GPU, run it anywhere with nvcc)
+#          bench/kernel_resources.py --triton: registers, spills and loads in flight of every
+#          CUDA kernel and Triton kd config, as compiled for this GPU's architecture
+#   test   pytest -m gpu: every gpu-marked test (real vocabularies, V = 50257 included)
 #   quick  bench/kd_gpu.py --quick: one point (bf16, N=16384, V=128256, every divergence)
-#   cache  bench/cache.py --device cuda: capture and sparse loss, every GPU backend (bf16, N=16384,
-#          V=128256, k=64)
+#   paths  bench/kd_gpu.py on the fused backends over every code path of the loss: training forward,
+#          no-grad forward, inplace_grad, backward with grad_output 1 / 0.5 / under retain_graph
+#          (bf16, N=16384, V {50257, 128256}, forward KL and JSD)
+#   cache  bench/cache.py --device cuda: every capture mode (top-k, sampled i.i.d. and systematic)
+#          and the sparse loss, every GPU backend (bf16, N=16384, V {128256, 50257}, k=64)
 #   linear bench/linear.py --device cuda: the fused-linear loss (bf16, N=8192, H {2048,4096}, V {32000,128256})
 #   bench  bench/kd.py --device cuda: the fused kd loss in a fresh process per measurement (bf16/fp32 x N x V)
 #   full   bench/kd_gpu.py over its whole matrix (bf16/fp32 x N {4096,16384} x V {32000,128256,256000})
@@ -20,7 +26,7 @@
 set -uo pipefail
 OUT=${1:?usage: bash bench/gpu_round.sh OUTDIR [STAGE ...]}
 shift
-STAGES=${*:-env build test quick cache linear bench full}
+STAGES=${*:-env build test quick paths cache linear bench full}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
@@ -48,14 +54,23 @@ for stage in $STAGES; do
       run_stage build env FASTKD_CUDA=ON "$PY" -m pip install --no-build-isolation --no-deps -e .
       run_stage build_check "$PY" -c "import fastkd, fastkd._ext as e; from fastkd._backends import registry as r; print('cuda kernels:', e.has_cuda_kernels()); print('kd backends on cuda:', r.available('kd', 'cuda')); print('sparse_kd backends on cuda:', r.available('sparse_kd', 'cuda')); assert e.has_cuda_kernels()"
       ;;
+    resources)
+      arch=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")' 2>/dev/null || echo 90)
+      run_stage resources "$PY" bench/kernel_resources.py --triton --arch "$arch" --json "$OUT/kernel_resources.json"
+      ;;
     test)
       run_stage test "$PY" -m pytest -m gpu -q -x -p no:cacheprovider --junitxml="$OUT/test_gpu.xml" tests/
       ;;
     quick)
       run_stage quick "$PY" bench/kd_gpu.py --quick --out "$OUT/kd_gpu_quick.jsonl"
       ;;
+    paths)
+      run_stage paths "$PY" bench/kd_gpu.py --providers fastkd-cuda fastkd-triton --dtypes bf16 --ns 16384 \
+        --vs 50257 128256 --divergences forward_kl jsd \
+        --modes fwd fwd_nograd fwd_inplace_grad fwd_bwd fwd_bwd_scaled fwd_bwd_retained --out "$OUT/kd_gpu_paths.jsonl"
+      ;;
     cache)
-      run_stage cache "$PY" bench/cache.py --device cuda --n 16384 --dtype bfloat16 --out "$OUT/cache.jsonl"
+      run_stage cache "$PY" bench/cache.py --device cuda --n 16384 --v 128256 50257 --dtype bfloat16 --out "$OUT/cache.jsonl"
       ;;
     linear)
       run_stage linear "$PY" bench/linear.py --device cuda --out "$OUT/linear.jsonl"

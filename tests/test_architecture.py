@@ -322,6 +322,80 @@ def test_float64_is_refused_by_gpu_backends_not_rerouted():
             registry._IMPLS[("kd", "cuda")] = before
 
 
+@pytest.fixture
+def registry_snapshot():
+    """Restores the registry's tables after a test that re-registers a backend."""
+    saved = dict(registry._IMPLS), dict(registry._WHY_NOT), dict(registry._LOADED)
+    yield
+    for table, old in zip((registry._IMPLS, registry._WHY_NOT, registry._LOADED), saved):
+        table.clear()
+        table.update(old)
+
+
+def test_auto_falls_back_to_triton_when_the_cuda_kernels_cannot_run(monkeypatch, registry_snapshot):
+    """A build with nvcc whose kernels cannot run on this machine (a driver older than the CUDA
+    runtime they were linked with, a GPU the build has no code for): the CUDA runtime is asked once
+    at registration, nothing is registered, backend="auto" takes Triton and backend="cuda" names the
+    runtime's reason, instead of every call raising."""
+    pytest.importorskip("triton")
+    from fastkd import _ext
+    from fastkd._backends import cuda as cuda_backend
+
+    registry.find("kd", "triton")  # the triton backend is loaded and registered for "cuda" tensors
+    assert registry.find("kd", "triton", "cuda") is not None
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    asked = []
+
+    def old_driver(device):
+        asked.append(device)
+        return "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+
+    for op in registry.OPS:
+        registry._IMPLS.pop((op, "cuda"), None)
+    cuda_backend.register(probe=old_driver)
+    assert asked == [0]
+    assert all(registry.find(op, "cuda") is None for op in registry.OPS)
+    cuda = torch.device("cuda")
+    assert registry.resolve("kd", "auto", cuda) == "triton"
+    assert registry.resolve("capture_topk", "auto", cuda) == "triton"
+    with pytest.raises(ValueError, match="cudaErrorInsufficientDriver"):
+        registry.resolve("kd", "cuda", cuda)
+    # a runtime that can run them: every op family registered, and auto picks them first
+    cuda_backend.register(probe=lambda device: "")
+    for op in ("kd", "kd_shard", "scale_rows", "capture_topk", "capture_sample", "sparse_kd"):
+        assert registry.find(op, "cuda", "cuda") is not None
+    assert "loss_only" in registry.find("kd", "cuda").caps
+    assert registry.resolve("kd", "auto", cuda) == "cuda"
+
+
+def test_the_cuda_runtime_probe_reports_the_runtime_error(cuda_emulation):
+    """The probe compiled against the emulated runtime: '' when a kernel's module loads, else the
+    runtime's error name and message; the caller's device is left as it was."""
+    lib = cuda_emulation.lib
+    lib.emu_set_device(0)
+    assert lib.emu_kernels_unusable(1) == b""
+    lib.emu_set_module_error(35)  # cudaErrorInsufficientDriver
+    try:
+        why = lib.emu_kernels_unusable(1).decode()
+    finally:
+        lib.emu_set_module_error(0)
+    assert why.startswith("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+    assert lib.emu_current_device() == 0
+    if _ext_built_with_cuda():  # the real runtime on this machine: a reason when no GPU is usable
+        from fastkd import _ext
+
+        reason = _ext.C.kernels_unusable_cuda(device=0)
+        assert (reason == "") == torch.cuda.is_available(), reason
+
+
+def _ext_built_with_cuda() -> bool:
+    from fastkd import _ext
+
+    return _ext.has_cuda_kernels()
+
+
 def test_a_new_backend_is_one_module_and_one_line(monkeypatch):
     """Register a backend the way the README says; resolve then offers it."""
     fake = type(sys)("fastkd_fake_backend")

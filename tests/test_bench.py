@@ -80,7 +80,7 @@ def test_bench_cache_records_and_plot(tmp_path, capsys):
         assert r["backend"] == "cpu"
         if r["bench"] == "capture":
             for key in ("read_once_ms", "topk_logsumexp_fp32_ms", "topk_logsumexp_native_ms", "fastkd_topk_ms",
-                        "fastkd_sample_ms", "speedup_vs_eager", "topk_over_read"):
+                        "fastkd_sample_ms", "fastkd_sample_systematic_ms", "speedup_vs_eager", "topk_over_read"):
                 assert _finite_positive(r[key]), key
             assert r["bytes_read"] == 16 * r["v"] * 4
         elif r["bench"] == "loss_fwd_bwd":

@@ -9,6 +9,7 @@ draw), values and lse within float32 rounding. Part 3: the real ``cuda``/``trito
 """
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -330,6 +331,19 @@ def test_topk_adversarial_rows_compact_repeatedly(use_backend, backend, order):
     _topk_vs_cpu(backend, t, k, 1.0)
 
 
+def test_triton_topk_selects_without_tl_topk_on_an_older_triton():
+    """tl.topk exists from Triton 3.4 on (torch 2.4-2.7 bring 3.0-3.3): without it the compiled
+    kernel selects by repeated max extraction, as the interpreter does."""
+    import types
+
+    from fastkd._backends.triton import capture as tc
+
+    older, newer = types.SimpleNamespace(), types.SimpleNamespace(topk=lambda *a, **k: None)
+    assert tc._selection_network(older, interpret=False) is False
+    assert tc._selection_network(newer, interpret=False) is True
+    assert tc._selection_network(newer, interpret=True) is False
+
+
 def test_triton_topk_bitonic_network_path(use_backend, monkeypatch):
     """The compiled kernels select with tl.topk; the interpreter's default (repeated max) is swapped
     for it here, on a small k (the network is slow in the interpreter)."""
@@ -541,12 +555,15 @@ def test_triton_capture_kernels_compile_for_sm90_without_a_gpu():
             assert c.asm.get("cubin"), fn
 
         # (the first autotune config of k = 64 and every config of k = 1: the others take minutes)
-        for kp, dt, configs in ((64, "*bf16", C._topk_configs(64)[:1]), (1, "*fp32", C._topk_configs(1))):
+        # NET=False: the selection a Triton without tl.topk (before 3.4) compiles
+        for kp, dt, configs, nets in ((64, "*bf16", C._topk_configs(64)[:1], (True, False)),
+                                      (1, "*fp32", C._topk_configs(1), (True,))):
             for cfg in configs:
-                build(C._topk_kernel, {"t_ptr": dt, "buf_ptr": "*i64", "ids_ptr": "*i64", "vals_ptr": "*fp32",
-                                       "lse_ptr": "*fp32", "V": "i32", "K": "i32", "stride_t": "i32",
-                                       "stride_buf": "i32", "inv_t": "fp32"},
-                      dict(cfg.kwargs, KP=kp, NET=True), cfg.num_warps, cfg.maxnreg)
+                for net in nets:
+                    build(C._topk_kernel, {"t_ptr": dt, "buf_ptr": "*i64", "ids_ptr": "*i64", "vals_ptr": "*fp32",
+                                           "lse_ptr": "*fp32", "V": "i32", "K": "i32", "stride_t": "i32",
+                                           "stride_buf": "i32", "inv_t": "fp32"},
+                          dict(cfg.kwargs, KP=kp, NET=net), cfg.num_warps, cfg.maxnreg)
         build(C._sample_stats_kernel, {"t_ptr": "*fp16", "m_ptr": "*fp32", "d_ptr": "*fp32", "V": "i32",
                                        "NSB": "i32", "stride_t": "i32", "inv_t": "fp32"},
               {"SUB": 256, "BLOCK": 4096}, 8)
@@ -566,8 +583,9 @@ def _triton_ptxas():
         from triton.backends.nvidia.compiler import get_ptxas
     except ImportError:
         return None
-    try:
-        path = get_ptxas().path
+    try:  # Triton >= 3.5 picks the ptxas per architecture
+        tool = get_ptxas(90) if "arch" in inspect.signature(get_ptxas).parameters else get_ptxas()
+        path = tool.path
     except Exception:  # triton raises when it finds none
         return None
     return path if path and os.path.exists(path) else None

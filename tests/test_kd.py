@@ -11,6 +11,7 @@ Oracle: the reference rows of ``fastkd/_reference/kd.py`` in float64, reduced he
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -347,6 +348,178 @@ def test_scale_rows_skips_unit_factors(use_backend, backend, dtype):
     buf = wide.clone()
     scale(buf, torch.tensor(1.0))
     assert torch.equal(buf, wide)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype, v", [(torch.bfloat16, 3333), (torch.float32, 1667)], ids=["bf16", "f32"])
+@pytest.mark.parametrize("divergence", DIVS)
+def test_long_rows_at_every_offset(use_backend, backend, dtype, v, divergence):
+    """Rows long enough for the GPU kernels' steady-state loops (the CUDA kernel's two vectors per
+    iteration, several Triton body chunks) and of an odd byte length, so that consecutive rows start
+    at every offset from a 16-byte boundary (V = 50257 in bf16 does the same): a vector body with an
+    element-wise head and tail. Against the oracle, and the gradient written over the logits
+    (inplace_grad) bitwise equal to a separate buffer."""
+    use_backend(backend)
+    z, t, y = logits(5, v, seed=v + 3, dtype=dtype, ignore_rows=(2,))
+    y[0] = v - 1  # the target in the tail of one row ...
+    y[3] = 1      # ... and in the head of another
+    kw = dict(divergence=divergence, hard_weight=0.5, temperature=1.5, label_smoothing=0.05)
+    got = run(backend, z, t, y, **kw)
+    want = oracle(z, t, y, **kw)
+    if dtype == torch.float32:
+        check(backend, got, want)
+    else:
+        assert_close(got[0], want[0], what="loss", **tol(backend))
+        eps = 2.0 ** -7  # one rounding into bf16 (the interpreter truncates: one more ulp)
+        for g, w, name in ((got[1], want[1], "student grad"), (got[2], want[2], "teacher grad")):
+            torch.testing.assert_close(g.double(), w, rtol=eps, atol=1e-6 * float(w.abs().max()) + 1e-7,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    kw.update(reduction="none")
+    want_rows, want_grad, _ = run(backend, z, t, y, teacher_grad=False, **kw)
+    zz = z.clone() * torch.ones((), requires_grad=True)
+    rows = fastkd.kd_loss(zz, t, y, inplace_grad=True, backend=backend, **kw)
+    rows.sum().backward()
+    assert torch.equal(rows.detach(), want_rows) and torch.equal(zz.detach(), want_grad)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_grad_forward_writes_no_gradient_on_every_fused_backend(use_backend, backend, monkeypatch):
+    """Eval / torch.no_grad: the fused kernels run without a gradient buffer (cap "loss_only": the
+    backend is handed grad_s = None and writes nothing N×V), with the same loss as a training step."""
+    use_backend(backend)
+    z, t, y = logits(6, 500, seed=31, ignore_every=5, dtype=torch.bfloat16)
+    impl = registry.implementation("kd", backend)
+    assert "loss_only" in impl.caps
+    seen = []
+
+    def spy(student, teacher, target, divisor, loss, grad_s, grad_t, p):
+        seen.append((grad_s, grad_t))
+        return impl.fn(student, teacher, target, divisor, loss, grad_s, grad_t, p)
+
+    monkeypatch.setitem(registry._IMPLS, ("kd", backend),
+                        registry.Impl(backend, "kd", spy, impl.devices, impl.dtypes, impl.caps))
+    kw = dict(hard_weight=0.5, divergence="jsd", reduction="none")
+    with torch.no_grad():
+        loss = fastkd.kd_loss(z, t, y, backend=backend, **kw)
+    assert seen == [(None, None)]
+    train = fastkd.kd_loss(z.clone().requires_grad_(), t, y, backend=backend, **kw)
+    assert seen[1][0] is not None
+    assert torch.equal(loss, train.detach())
+
+
+@pytest.mark.parametrize("backend", ("triton", "cuda_emu"))
+def test_gpu_backward_rule_in_place_once_out_of_place_when_retained(use_backend, backend, monkeypatch):
+    """The GPU backward (forced here on CPU tensors): a backward that runs once scales the stored
+    gradient in place with the backend's scale_rows kernel; under retain_graph, repeated
+    autograd.grad and gradcheck (which re-run the same node) the product is formed out of place, so
+    the saved gradient is never scaled twice."""
+    import fastkd._ops.kd as kd_ops
+
+    use_backend(backend)
+    monkeypatch.setattr(kd_ops, "_HOST_DEVICES", frozenset())
+    impl = registry.implementation("scale_rows", backend)
+    calls = []
+
+    def spy(grad, g):
+        calls.append(grad.data_ptr())
+        return impl.fn(grad, g)
+
+    monkeypatch.setitem(registry._IMPLS, ("scale_rows", backend),
+                        registry.Impl(backend, "scale_rows", spy, impl.devices, impl.dtypes, impl.caps))
+    z, t, y = logits(5, 300, seed=33, ignore_rows=(1,))
+    kw = dict(hard_weight=0.4, temperature=2.0)
+    # once: in place; the leaf's .grad is the kernel's buffer
+    zz = z.clone().requires_grad_()
+    fastkd.kd_loss(zz, t, y, backend=backend, **kw).backward()
+    want = oracle(z, t, y, teacher_grad=False, **kw)
+    assert len(calls) == 1 and zz.grad.data_ptr() == calls[0]
+    assert_close(zz.grad, want[1], what="gradient scaled in place", **tol(backend, grad=True))
+    # retain_graph: out of place, and the second backward adds the same gradient again
+    calls.clear()
+    zz = z.clone().requires_grad_()
+    loss = fastkd.kd_loss(zz, t, y, backend=backend, **kw) * 0.5
+    loss.backward(retain_graph=True)
+    assert calls == []
+    first = zz.grad.clone()
+    loss.backward()  # the last use of the saved gradient: in place again
+    assert len(calls) == 1
+    torch.testing.assert_close(zz.grad, 2 * first, rtol=0, atol=0)
+    assert_close(first, 0.5 * want[1], what="retained graph", **tol(backend, grad=True))
+    # repeated autograd.grad with different grad_outputs on one graph
+    calls.clear()
+    zz = z.clone().requires_grad_()
+    rows = fastkd.kd_loss(zz, t, y, backend=backend, reduction="none", **kw)
+    for seed in (1, 2):
+        go = grad_weights((5,), seed=seed)
+        (g,) = torch.autograd.grad(rows, zz, go.float(), retain_graph=True)
+        want_g = oracle(z, t, y, go, teacher_grad=False, reduction="none", **kw)[1]
+        assert_close(g, want_g, what=f"autograd.grad #{seed}", **tol(backend, grad=True))
+    assert calls == []
+    # gradcheck (float32, so loose bounds: it catches a gradient scaled twice, not rounding)
+    zs, ts, ys = logits(2, 9, seed=34, scale=1.0)
+
+    def f(a, b):
+        return fastkd.kd_loss(a, b, ys, hard_weight=0.4, temperature=2.0, reduction="none", backend=backend)
+
+    with warnings.catch_warnings():  # gradcheck's advice to use float64 inputs
+        warnings.filterwarnings("ignore", message="Input #.* is not a double precision")
+        assert torch.autograd.gradcheck(f, (zs.requires_grad_(), ts.requires_grad_()), eps=1e-2, atol=2e-3,
+                                        rtol=2e-2)
+
+
+def test_triton_autotuner_benchmarks_every_config_on_the_logits(use_backend, monkeypatch):
+    """With inplace_grad the gradient overwrites the student logits, and the autotuner runs every
+    config on the same arguments: each run must start from the logits (restore_value), not from the
+    previous config's gradient. The interpreter never autotunes, so two configs and a benchmark
+    that runs each kernel twice are put in for the test."""
+    import triton
+
+    use_backend("triton")
+    from fastkd._backends.triton import kd as tk
+
+    kernel = tk._kd_rows_kernel
+    assert "z_ptr" in kernel.restore_value
+    runs = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        runs.append(1)
+        return [float(len(runs))] * 3
+
+    monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK": 64}, num_warps=4),
+                                            triton.Config({"BLOCK": 128}, num_warps=4)])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setitem(kernel.__dict__, "do_bench", bench)
+    z, t, y = logits(4, 203, seed=35)
+    kw = dict(hard_weight=0.3, divergence="jsd", reduction="none")
+    want_rows, want_grad, _ = run("cpu", z, t, y, teacher_grad=False, **kw)
+    zz = z.clone() * torch.ones((), requires_grad=True)
+    rows = fastkd.kd_loss(zz, t, y, inplace_grad=True, backend="triton", **kw)
+    rows.sum().backward()
+    assert len(runs) == 2 and len(kernel.configs_timings) == 2  # both configs were benchmarked
+    assert_close(rows.detach(), want_rows, what="loss after autotuning", **tol("triton"))
+    assert_close(zz.detach(), want_grad, what="in-place gradient after autotuning", **tol("triton", grad=True))
+
+
+def test_cuda_launcher_restores_the_callers_device_when_it_throws(cuda_emulation):
+    """The kd launcher makes the tensors' device current and puts the caller's back on every way
+    out: a bad divergence code throws inside the launch, and the current device is still the
+    caller's afterwards (emulated runtime: cudaSetDevice only records the device)."""
+    lib = cuda_emulation.lib
+    z, t, y = logits(2, 64, seed=36)
+    loss, gs = torch.empty(2), torch.empty_like(z)
+    good = KernelParams(temperature=1.0, soft_scale=1.0, hard_weight=0.0, divergence=0, beta=0.5,
+                        ignore_index=-100, label_smoothing=0.0, softcap=0.0)
+    lib.emu_set_device(0)
+    cuda_emulation.kd(z, t, y, torch.tensor(1.0), loss, gs, None, good, device=1)
+    assert lib.emu_current_device() == 0
+    with pytest.raises(RuntimeError, match="kd failed"):
+        cuda_emulation.kd(z, t, y, torch.tensor(1.0), loss, gs, None, good._replace(divergence=7), device=1)
+    assert lib.emu_current_device() == 0
+    with pytest.raises(RuntimeError, match="kd failed"):  # a bad mode throws before the scope: same
+        cuda_emulation.kd(z, t, y, torch.tensor(1.0), loss, gs, None, good, device=1, mode=9)
+    assert lib.emu_current_device() == 0
 
 
 def test_auto_never_picks_triton_or_the_emulation_on_cpu():

@@ -136,6 +136,15 @@ void bind_kd(py::module_& m) {
       "device.",
       py::kw_only(), py::arg("grad"), py::arg("n"), py::arg("vocab"), py::arg("stride"), py::arg("dtype"),
       py::arg("factors"), py::arg("factors_stride"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "kernels_unusable_cuda",
+      [](int device) {
+        py::gil_scoped_release nogil;
+        return kernels_unusable_cuda(device);
+      },
+      "'' when the CUDA kernels can run on `device`, else the runtime's reason (an old driver, no kernel image "
+      "for this GPU's architecture, no device).",
+      py::kw_only(), py::arg("device"));
 #endif
 }
 

@@ -43,35 +43,105 @@ __device__ __forceinline__ float ninf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float qnan() { return __int_as_float(0x7fc00000); }
 
 // ------------------------------------------------------------------------------------------------
-// Row slots: slot s holds elements [s·N, s·N + N) of a row, N = 16 bytes / element. Every kernel
-// indexes rows this way, with one 16-byte load per slot when rows are aligned and N scalar loads
-// otherwise; elements past the row read as −inf. Returns how many elements of the slot are in the row.
+// Row slots. Every kernel walks a row in slots of N = 16 bytes / element consecutive elements,
+// anchored at 16-byte boundaries: slot s holds row elements [s·N − shift, s·N − shift + N), where
+// shift (0 <= shift < N) is how many elements the row start lies past the boundary below it. Every
+// slot that lies wholly inside the row is then one aligned 16-byte load, whatever the row's length
+// and stride: rows of an odd byte length (V = 50257 in bf16: every row starts at a different offset)
+// keep vector loads, and only the first and last slots, which reach past the row's ends, load their
+// elements one at a time (never a byte outside the row). When two tensors walked together disagree
+// on a row's offset the row takes the element path in every slot (still coalesced).
+// Elements outside the row read as −inf.
 // ------------------------------------------------------------------------------------------------
-template <typename T, bool kStreaming>
-__device__ __forceinline__ int load_slot(const T* row, int64_t slot, int64_t v, bool vec_ok,
-                                         float (&x)[VecOf<T>::N]) {
+struct RowSlots {
+  int64_t shift;  // row elements before the first 16-byte boundary, as above
+  int64_t count;  // slots covering the row: ceil((v + shift) / N)
+  bool vec;       // inner slots are 16-byte loads (false: element by element)
+  // the row index of slot s's first element (negative in the first slot when shift > 0)
+  __device__ __forceinline__ int64_t first(int64_t s, int n) const { return s * n - shift; }
+};
+
+// The slots of a row of v elements at `row`; `other`, when given, is a second row walked with the
+// same slots (a gradient written where the logits are read) and must share the offset for vectors.
+template <typename T>
+__device__ __forceinline__ RowSlots row_slots(const T* row, int64_t v, const void* other = nullptr) {
   constexpr int N = VecOf<T>::N;
-  const int64_t j0 = slot * N, left = v - j0;
-  const int nv = left >= N ? N : (left > 0 ? int(left) : 0);
-  if (vec_ok && nv == N) {
-    const uint4* src = reinterpret_cast<const uint4*>(row + j0);
-    // read-once rows are marked evict-first; a row read again later is kept in L2
-    const uint4 raw = kStreaming ? __ldcs(src) : __ldg(src);
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(row) & 15;
+  const bool ok = mis % sizeof(T) == 0 && (other == nullptr || (reinterpret_cast<uintptr_t>(other) & 15) == mis);
+  RowSlots rs;
+  rs.shift = ok ? int64_t(mis / sizeof(T)) : 0;
+  rs.count = (v + rs.shift + N - 1) / N;
+  rs.vec = ok;
+  return rs;
+}
+
+// Slots past the longest row's end in a kernel's sizing: a row may start up to N − 1 elements past
+// a boundary, so ceil((v + N − 1) / N) slots cover any row of v elements.
+inline int64_t max_slots(int64_t v, int n) { return (v + 2 * int64_t(n) - 2) / n; }
+
+template <typename T>
+__device__ __forceinline__ bool inner_slot(const RowSlots& rs, int64_t slot, int64_t v) {
+  constexpr int N = VecOf<T>::N;
+  const int64_t j0 = rs.first(slot, N);
+  return rs.vec && j0 >= 0 && j0 + N <= v;
+}
+
+// The raw 16 bytes of an inner slot, issued on its own so that a loop can have several in flight
+// before it converts any (zeros for the slots at the row's ends, which decode_slot loads itself).
+// Read-once rows are marked evict-first; a row read again later is kept in L2.
+template <typename T, bool kStreaming>
+__device__ __forceinline__ uint4 fetch_slot(const T* row, int64_t slot, int64_t v, const RowSlots& rs) {
+  constexpr int N = VecOf<T>::N;
+  if (!inner_slot<T>(rs, slot, v)) return make_uint4(0u, 0u, 0u, 0u);
+  const uint4* src = reinterpret_cast<const uint4*>(row + rs.first(slot, N));
+  return kStreaming ? __ldcs(src) : __ldg(src);
+}
+
+// The slot's elements as float: from `raw` (fetch_slot) for an inner slot, else one by one, −inf
+// outside the row. Returns the row index of the slot's first element.
+template <typename T>
+__device__ __forceinline__ int64_t decode_slot(const uint4& raw, const T* row, int64_t slot, int64_t v,
+                                               const RowSlots& rs, float (&x)[VecOf<T>::N]) {
+  constexpr int N = VecOf<T>::N;
+  const int64_t j0 = rs.first(slot, N);
+  if (inner_slot<T>(rs, slot, v)) {
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < N; ++i) x[i] = to_f(e[i]);
   } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) x[i] = i < nv ? to_f(row[j0 + i]) : ninf();
+    for (int i = 0; i < N; ++i) {
+      const int64_t j = j0 + i;
+      x[i] = j >= 0 && j < v ? to_f(row[j]) : ninf();
+    }
   }
-  return nv;
+  return j0;
+}
+
+template <typename T, bool kStreaming>
+__device__ __forceinline__ int64_t load_slot(const T* row, int64_t slot, int64_t v, const RowSlots& rs,
+                                             float (&x)[VecOf<T>::N]) {
+  return decode_slot<T>(fetch_slot<T, kStreaming>(row, slot, v, rs), row, slot, v, rs, x);
+}
+
+// Element i of the slot starting at row index j0 lies in the row.
+__device__ __forceinline__ bool in_row(int64_t j0, int i, int64_t v) { return j0 + i >= 0 && j0 + i < v; }
+
+// Bit i set: element i of the slot starting at row index j0 lies in the row (all N bits for an
+// inner slot), so that a loop tests membership once per slot instead of once per element.
+template <int N>
+__device__ __forceinline__ unsigned slot_mask(int64_t j0, int64_t v) {
+  const int64_t lo = j0 < 0 ? -j0 : 0, left = v - j0;
+  const int64_t hi = left < N ? (left > 0 ? left : 0) : N;
+  return ((1u << unsigned(hi)) - 1u) & ~((1u << unsigned(lo < N ? lo : N)) - 1u);
 }
 
 template <typename T>
-__device__ __forceinline__ void store_slot(T* row, int64_t slot, int nv, bool vec_ok, const float (&g)[VecOf<T>::N]) {
+__device__ __forceinline__ void store_slot(T* row, int64_t slot, int64_t v, const RowSlots& rs,
+                                           const float (&g)[VecOf<T>::N]) {
   constexpr int N = VecOf<T>::N;
-  const int64_t j0 = slot * N;
-  if (vec_ok && nv == N) {
+  const int64_t j0 = rs.first(slot, N);
+  if (inner_slot<T>(rs, slot, v)) {
     uint4 raw;
     T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
@@ -80,7 +150,7 @@ __device__ __forceinline__ void store_slot(T* row, int64_t slot, int nv, bool ve
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i)
-      if (i < nv) row[j0 + i] = from_f<T>(g[i]);
+      if (in_row(j0, i, v)) row[j0 + i] = from_f<T>(g[i]);
   }
 }
 
@@ -239,17 +309,7 @@ __device__ void bitonic_sort(V* a, unsigned n) {
 // ================================================================================================
 // Host side
 // ================================================================================================
-// Makes `device` current for the launch and restores the caller's device, also on a throw.
-struct DeviceScope {
-  int previous = -1, device;
-  explicit DeviceScope(int d) : device(d) {
-    check(cudaGetDevice(&previous), "cudaGetDevice");
-    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceScope() {
-    if (previous != device) cudaSetDevice(previous);
-  }
-};
+using cuda_common::DeviceScope;
 
 inline int64_t round16(int64_t b) { return (b + 15) / 16 * 16; }
 
@@ -292,11 +352,6 @@ inline Plan make_plan(int64_t n, int threads, int64_t bytes, int device) {
 
 // Bytes of global workspace a plan needs: 0 when the scratch is in shared memory.
 inline int64_t workspace_of(const Plan& p) { return p.shared ? 0 : p.bytes * int64_t(p.grid); }
-
-// Every row start of an (n, ·) tensor with row stride `stride` is 16-byte aligned.
-inline bool aligned16(const void* p, int64_t n, int64_t stride, int esize) {
-  return (reinterpret_cast<uintptr_t>(p) & 15) == 0 && (n <= 1 || (stride * esize) % 16 == 0);
-}
 
 inline void need_workspace(const Plan& pl, void* ws) {
   if (!pl.shared && ws == nullptr)

@@ -21,8 +21,11 @@
 // bytes, so its goal is the time of one read of the teacher; sampled capture adds the re-read of the
 // segments holding a draw (32·16 bytes each, at most num_samples of them) and the uniforms.
 //
-// Preconditions: unit column stride; 16-byte loads only when every row start is 16-byte aligned
-// (otherwise scalar loads of the same slots); 64-bit offsets; ids < 2^31; 1 <= k <= V; width =
+// Loads: rows are walked in 16-byte slots anchored at 16-byte boundaries (cuda/cache_common.cuh),
+// so any row length and stride keeps vector loads (only the two slots at a row's ends load element
+// by element), and each thread fetches its slots two iterations ahead of their use.
+//
+// Preconditions: unit column stride; 64-bit offsets; ids < 2^31; 1 <= k <= V; width =
 // min(num_samples, V); float32, bf16 or fp16 inputs with float32 accumulation (the sampling CDF in
 // fixed point and float64).
 // No float atomics and fixed reduction trees: results are bitwise reproducible. Per-row scratch
@@ -44,7 +47,6 @@ namespace fastkd {
 namespace {
 
 using cuda_cache::Add;
-using cuda_cache::aligned16;
 using cuda_cache::bitonic_sort;
 using cuda_cache::block_allreduce;
 using cuda_cache::block_exclusive_scan;
@@ -52,12 +54,16 @@ using cuda_cache::block_lse;
 using cuda_cache::check;
 using cuda_cache::DeviceScope;
 using cuda_cache::kFull;
+using cuda_cache::decode_slot;
+using cuda_cache::fetch_slot;
+using cuda_cache::slot_mask;
 using cuda_cache::load_slot;
 using cuda_cache::Lse;
 using cuda_cache::lse_add;
 using cuda_cache::lse_empty;
 using cuda_cache::lse_value;
 using cuda_cache::make_plan;
+using cuda_cache::max_slots;
 using cuda_cache::MaxF;
 using cuda_cache::MaxI;
 using cuda_cache::need_workspace;
@@ -65,6 +71,8 @@ using cuda_cache::ninf;
 using cuda_cache::Plan;
 using cuda_cache::qnan;
 using cuda_cache::round16;
+using cuda_cache::row_slots;
+using cuda_cache::RowSlots;
 using cuda_cache::u64;
 using cuda_cache::vec_of;
 using cuda_cache::VecOf;
@@ -104,7 +112,6 @@ struct TopkLayout {
   int64_t cap;        // candidate buffer entries: max(k + 2 tiles, p2)
   int64_t p2;         // the power of two >= k that the final sort runs on
   float inv_t;
-  bool vec_ok;
 };
 
 // Cuts the n unique keys of buf to their k largest, moved into buf[0, k) (n > k). The radix select
@@ -200,7 +207,7 @@ __global__ void __launch_bounds__(kCapThreads, 4) topk_kernel(CaptureProblem P, 
   u64* buf = reinterpret_cast<u64*>(scratch);
   int* holes = reinterpret_cast<int*>(buf + L.cap);
   const unsigned tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31;
-  const int64_t v = P.v, nslots = (v + N - 1) / N;
+  const int64_t v = P.v;
   const unsigned k = unsigned(P.k), tile = nthreads * N;
   float* values = static_cast<float*>(P.values);
 
@@ -214,10 +221,19 @@ __global__ void __launch_bounds__(kCapThreads, 4) topk_kernel(CaptureProblem P, 
     __syncthreads();
     Lse ls = lse_empty();
     int nan = 0;
-    for (int64_t base = 0; base < nslots; base += nthreads) {  // same trip count in every lane
+    const RowSlots rs = row_slots(row, v);
+    // Each thread fetches its slots two tiles ahead of their use: its next two loads stay in
+    // flight across this tile's candidate writes and barriers, which would otherwise leave the
+    // memory system idle between one tile's load and the next.
+    uint4 ahead0 = fetch_slot<T, true>(row, tid, v, rs);
+    uint4 ahead1 = fetch_slot<T, true>(row, int64_t(tid) + nthreads, v, rs);
+    for (int64_t base = 0; base < rs.count; base += nthreads) {  // same trip count in every lane
       const int64_t slot = base + tid;
+      const uint4 raw = ahead0;
+      ahead0 = ahead1;
+      ahead1 = fetch_slot<T, true>(row, slot + 2 * int64_t(nthreads), v, rs);
       float x[N];
-      const int nv = load_slot<T, true>(row, slot, v, L.vec_ok, x);
+      const int64_t j0 = decode_slot<T>(raw, row, slot, v, rs, x);
       const bool admit_all = st.admit_all != 0;
       const float thr = st.thr;
       unsigned want = 0;
@@ -228,8 +244,9 @@ __global__ void __launch_bounds__(kCapThreads, 4) topk_kernel(CaptureProblem P, 
           nan = 1;
           x[i] = ninf();
         }
-        if (i < nv && (admit_all || x[i] > thr)) want |= 1u << i;
+        if (admit_all || x[i] > thr) want |= 1u << i;
       }
+      want &= slot_mask<N>(j0, v);
       lse_add(ls, x);
       const int c = __popc(want);
       if (__any_sync(kFull, c != 0)) {  // one atomic per warp for its candidates
@@ -239,7 +256,7 @@ __global__ void __launch_bounds__(kCapThreads, 4) topk_kernel(CaptureProblem P, 
         at = __shfl_sync(kFull, at, 31) + unsigned(incl - c);
 #pragma unroll
         for (int i = 0; i < N; ++i)
-          if ((want >> i) & 1u) buf[at++] = topk_key(x[i], slot * N + i);
+          if ((want >> i) & 1u) buf[at++] = topk_key(x[i], j0 + i);
       }
       __syncthreads();
       const unsigned count = st.count;
@@ -283,7 +300,6 @@ struct SampleLayout {
   int64_t p2;         // the power of two >= num_samples that the uniforms' sort runs on
   int64_t off_sc, off_x, off_seg, off_did, off_work;  // byte offsets of the scratch arrays
   float inv_t;
-  bool vec_ok;
 };
 
 // A segment's masses e_i = exp(s_i − max) (max over the warp's segment) in 40-bit fixed point,
@@ -294,12 +310,34 @@ struct SampleLayout {
 // below 2^53 (exact in double) and costs ~1e-12 relative to the segment's mass.
 constexpr float kFixUnit = 1099511627776.0f;  // 2^40
 
+// The warp's max and sum run once per 512 bytes of row, so they are single warp reductions (REDUX)
+// on sm_80 and later instead of five-step shuffle trees (two of them 64-bit): the max over the
+// order-preserving code of the floats (exact; NaN rows are set aside by the caller), the sum of
+// lane masses below 2^43 (N <= 8 masses of at most 2^40) as two exact 32-bit sums of its high and
+// low bits.
+__device__ __forceinline__ float warp_max_f(float x) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  return dec_f(__reduce_max_sync(kFull, enc_f(x)));
+#else
+  return warp_allreduce(x, MaxF());
+#endif
+}
+__device__ __forceinline__ u64 warp_sum_masses(u64 x) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  const unsigned hi = __reduce_add_sync(kFull, unsigned(x >> 21));  // < 2^22 per lane
+  const unsigned lo = __reduce_add_sync(kFull, unsigned(x) & 0x1fffffu);
+  return (u64(hi) << 21) + u64(lo);
+#else
+  return warp_allreduce(x, Add<u64>());
+#endif
+}
+
 template <int N>
 __device__ __forceinline__ float segment_masses(const float (&s)[N], u64 (&e)[N], u64& lane_sum) {
   float mw = s[0];
 #pragma unroll
   for (int i = 1; i < N; ++i) mw = fmaxf(mw, s[i]);
-  mw = warp_allreduce(mw, MaxF());
+  mw = warp_max_f(mw);
   lane_sum = 0;
 #pragma unroll
   for (int i = 0; i < N; ++i) {
@@ -345,7 +383,7 @@ __global__ void __launch_bounds__(kCapThreads, 2) sample_kernel(CaptureProblem P
   int* work = reinterpret_cast<int*>(scratch + L.off_work);    // first draw of each segment with draws
 
   const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5, nwarps = nthreads >> 5;
-  const int64_t v = P.v, nslots = (v + N - 1) / N;
+  const int64_t v = P.v;
   const int nseg = int(L.nseg), ns = int(P.num_samples), width = int(P.width);
 
   for (int64_t r = blockIdx.x; r < P.n; r += gridDim.x) {
@@ -354,12 +392,18 @@ __global__ void __launch_bounds__(kCapThreads, 2) sample_kernel(CaptureProblem P
     int32_t* out_counts = P.counts + r * width;
 
     // ---- pass 1: per-segment max and mass ----
+    // Every segment of the layout is written (those past a row's end get mass 0); each slot is
+    // fetched one iteration ahead of its use, so the load overlaps the previous slot's reductions.
     int nan = 0;
-    for (int64_t base = 0; base < nslots; base += nthreads) {  // same trip count in every lane
+    const RowSlots rs = row_slots(row, v);
+    uint4 ahead = fetch_slot<T, true>(row, tid, v, rs);
+    for (int64_t base = 0; base < int64_t(nseg) * 32; base += nthreads) {  // same trip count in every lane
       const int64_t slot = base + tid;
+      const uint4 raw = ahead;
+      ahead = fetch_slot<T, true>(row, slot + nthreads, v, rs);
       float s[N];
       u64 e[N];
-      load_slot<T, true>(row, slot, v, L.vec_ok, s);
+      decode_slot<T>(raw, row, slot, v, rs, s);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         s[i] = __fmul_rn(s[i], L.inv_t);
@@ -367,7 +411,7 @@ __global__ void __launch_bounds__(kCapThreads, 2) sample_kernel(CaptureProblem P
       }
       u64 lane_sum;
       const float mw = segment_masses(s, e, lane_sum);
-      const u64 seg_sum = warp_allreduce(lane_sum, Add<u64>());
+      const u64 seg_sum = warp_sum_masses(lane_sum);
       const int64_t sg = slot >> 5;  // the same for the whole warp
       if (lane == 0 && sg < nseg) {
         seg_max[sg] = mw;
@@ -442,7 +486,7 @@ __global__ void __launch_bounds__(kCapThreads, 2) sample_kernel(CaptureProblem P
       const int64_t slot = int64_t(sg) * 32 + lane;
       float s[N];
       u64 e[N], lane_sum;
-      load_slot<T, false>(row, slot, v, L.vec_ok, s);
+      const int64_t first = load_slot<T, false>(row, slot, v, rs, s);
 #pragma unroll
       for (int i = 0; i < N; ++i) s[i] = __fmul_rn(s[i], L.inv_t);
       const float mw = segment_masses(s, e, lane_sum);
@@ -458,7 +502,7 @@ __global__ void __launch_bounds__(kCapThreads, 2) sample_kernel(CaptureProblem P
         acc += e[i];
         if (e[i] == 0) continue;
         const double hi_bound = c0 + scale * double(acc);
-        const int id = int(slot * N + i);
+        const int id = int(first + i);
         while (p < j1 && x[p] < hi_bound) did[p++] = id;
         last_id = id;
       }
@@ -535,7 +579,6 @@ void launch_topk(const CaptureProblem& P, const Plan& pl, const TopkSizes& s, vo
   L.cap = s.cap;
   L.p2 = s.p2;
   L.inv_t = float(1.0f / float(P.temperature));
-  L.vec_ok = aligned16(P.t, P.n, P.stride_t, int(sizeof(T)));
   const size_t smem = pl.shared ? size_t(pl.bytes) : 0;
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(topk_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
@@ -553,7 +596,7 @@ SampleSizes sample_sizes(int64_t v, int64_t ns, int dtype) {
   const int vec = vec_of(dtype);
   SampleSizes s;
   s.threads = capture_threads(v, vec);
-  s.nseg = ((v + vec - 1) / vec + 31) / 32;
+  s.nseg = (max_slots(v, vec) + 31) / 32;
   s.p2 = next_pow2(ns);
   s.off_sc = round16(s.nseg * 4);
   s.off_x = s.off_sc + round16((s.nseg + 1) * 8);
@@ -577,7 +620,6 @@ void launch_sample(const CaptureProblem& P, const Plan& pl, const SampleSizes& s
   L.off_did = s.off_did;
   L.off_work = s.off_work;
   L.inv_t = float(1.0f / float(P.temperature));
-  L.vec_ok = aligned16(P.t, P.n, P.stride_t, int(sizeof(T)));
   const size_t smem = pl.shared ? size_t(pl.bytes) : 0;
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),

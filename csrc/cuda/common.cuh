@@ -40,5 +40,20 @@ inline void check(cudaError_t err, const char* what) {
     throw std::runtime_error(std::string("fastkd CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
 
+// Makes `device` current for a launch and restores the caller's device on every way out, a throw
+// included (a launcher that throws must not leave the caller on another device).
+struct DeviceScope {
+  int previous = -1, device;
+  explicit DeviceScope(int d) : device(d) {
+    check(cudaGetDevice(&previous), "cudaGetDevice");
+    if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceScope() {
+    if (previous != device) cudaSetDevice(previous);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+};
+
 }  // namespace cuda_common
 }  // namespace fastkd

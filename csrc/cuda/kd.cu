@@ -32,6 +32,7 @@ namespace fastkd {
 namespace {
 
 using cuda_common::check;
+using cuda_common::DeviceScope;
 using cuda_common::from_f;
 using cuda_common::kFull;
 using cuda_common::to_f;
@@ -40,10 +41,29 @@ using cuda_common::VecOf;
 constexpr int kAllStats = 3;  // "DIV" of the stats mode: accumulate a_z and a_t both
 constexpr int kMaxThreads = 512;  // two blocks per SM overlap one row's reductions with another's loads
 
-// exp/log via the SFU (ex2/lg2.approx: ~2 ulp near the arguments that matter). Every exp argument
-// is x − max <= 0, and results below FLT_MIN only feed sums that they cannot change.
-__device__ __forceinline__ float fexp(float x) { return __expf(x); }
-__device__ __forceinline__ float flog(float x) { return __logf(x); }
+// exp/log via the SFU (ex2/lg2.approx: ~2 ulp near the arguments that matter), flushing subnormals
+// to zero: every exp argument is x − max <= 0, and a result below FLT_MIN only feeds sums it cannot
+// change (the CPU kernel flushes below e^−87 too). The .ftz forms save the three subnormal fix-up
+// instructions __expf/__logf carry around each SFU op when the file is not compiled with -ftz —
+// about a quarter of the statistics loop. (The host emulation of the tests has no PTX.)
+__device__ __forceinline__ float fexp(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+#else
+  return __expf(x);
+#endif
+}
+__device__ __forceinline__ float flog(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y * 0.6931471805599453f;
+#else
+  return __logf(x);
+#endif
+}
 
 
 // Per-call constants derived once on the host (inv_div comes from the device divisor).
@@ -79,16 +99,28 @@ __device__ __forceinline__ RowStats<float> empty_stats() {
   return s;
 }
 
+// One 16-byte load. Pass 1 keeps the lines in L2 for the last pass; the last pass marks them
+// evict-first. The loops issue every load of an iteration (two vectors of z and t: 64 bytes per
+// thread) before converting any of them, so that the loads are in flight together.
+template <bool kStreaming>
+__device__ __forceinline__ uint4 load16(const void* p) {
+  const uint4* src = reinterpret_cast<const uint4*>(p);
+  return kStreaming ? __ldcs(src) : __ldg(src);
+}
+
+// The K = VecOf<T>::N elements of a 16-byte load, to float and softcapped.
+template <typename T, int K>
+__device__ __forceinline__ void convert(const uint4& raw, float (&out)[K], const Consts& c) {
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < K; ++i) out[i] = softcap(to_f(e[i]), c);
+}
+
 // Load K consecutive elements (16 bytes when K = VecOf<T>::N) and softcap them.
 template <typename T, int K, bool kStreaming>
 __device__ __forceinline__ void load(const T* p, float (&out)[K], const Consts& c) {
   if constexpr (K == VecOf<T>::N) {
-    const uint4* src = reinterpret_cast<const uint4*>(p);
-    // pass 1 keeps lines in L2 for the last pass; the last pass marks them evict-first
-    uint4 raw = kStreaming ? __ldcs(src) : __ldg(src);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < K; ++i) out[i] = softcap(to_f(e[i]), c);
+    convert<T, K>(load16<kStreaming>(p), out, c);
   } else {
 #pragma unroll
     for (int i = 0; i < K; ++i) out[i] = softcap(to_f(p[i]), c);
@@ -364,7 +396,21 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
     bool has_nan;
     if (P.mode == kFused || P.mode == kStats) {
       s = empty_stats();
-      for (int64_t k = threadIdx.x; k < sp.nvec; k += blockDim.x) {
+      // two vectors per iteration (the same per-thread order as one at a time: bitwise the same sums)
+      int64_t k = threadIdx.x;
+      for (; k + blockDim.x < sp.nvec; k += 2 * int64_t(blockDim.x)) {
+        const int64_t j0 = sp.head + k * kVec, j1 = j0 + int64_t(blockDim.x) * kVec;
+        const uint4 z0 = load16<false>(z + j0), t0 = load16<false>(t + j0);
+        const uint4 z1 = load16<false>(z + j1), t1 = load16<false>(t + j1);
+        float zr[kVec], tr[kVec];
+        convert<T, kVec>(z0, zr, c);
+        convert<T, kVec>(t0, tr, c);
+        stats_chunk<DIV, kVec>(s, zr, tr, c);
+        convert<T, kVec>(z1, zr, c);
+        convert<T, kVec>(t1, tr, c);
+        stats_chunk<DIV, kVec>(s, zr, tr, c);
+      }
+      if (k < sp.nvec) {
         float zr[kVec], tr[kVec];
         const int64_t j = sp.head + k * kVec;
         load<T, kVec, false>(z + j, zr, c);
@@ -424,7 +470,20 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
         f.sp = js.y;
       } else {
         float2 acc = make_float2(0.f, 0.f);
-        for (int64_t k = threadIdx.x; k < sp.nvec; k += blockDim.x) {
+        int64_t k = threadIdx.x;
+        for (; k + blockDim.x < sp.nvec; k += 2 * int64_t(blockDim.x)) {
+          const int64_t j0 = sp.head + k * kVec, j1 = j0 + int64_t(blockDim.x) * kVec;
+          const uint4 z0 = load16<false>(z + j0), t0 = load16<false>(t + j0);
+          const uint4 z1 = load16<false>(z + j1), t1 = load16<false>(t + j1);
+          float zr[kVec], tr[kVec];
+          convert<T, kVec>(z0, zr, c);
+          convert<T, kVec>(t0, tr, c);
+          jsd_chunk<kVec>(acc.x, acc.y, zr, tr, c, f);
+          convert<T, kVec>(z1, zr, c);
+          convert<T, kVec>(t1, tr, c);
+          jsd_chunk<kVec>(acc.x, acc.y, zr, tr, c, f);
+        }
+        if (k < sp.nvec) {
           float zr[kVec], tr[kVec];
           const int64_t j = sp.head + k * kVec;
           load<T, kVec, false>(z + j, zr, c);
@@ -466,7 +525,26 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
 
     // ---- last pass: the gradient, walking the row backwards (its tail is the warmest in L2) ----
     T* gt_w = c.teacher_grad ? gt : nullptr;
-    for (int64_t k = sp.nvec - 1 - threadIdx.x; k >= 0; k -= blockDim.x) {
+    int64_t k = sp.nvec - 1 - threadIdx.x;
+    for (; k - int64_t(blockDim.x) >= 0; k -= 2 * int64_t(blockDim.x)) {
+      // both vectors are loaded before either is written: with the gradient over the logits
+      // (inplace_grad) the second vector is read before the first one's store, never after
+      const int64_t j0 = sp.head + k * kVec, j1 = j0 - int64_t(blockDim.x) * kVec;
+      const uint4 z0 = load16<true>(z + j0), t0 = load16<true>(t + j0);
+      const uint4 z1 = load16<true>(z + j1), t1 = load16<true>(t + j1);
+      float zr[kVec], tr[kVec], g[kVec], h[kVec];
+      convert<T, kVec>(z0, zr, c);
+      convert<T, kVec>(t0, tr, c);
+      grad_chunk<DIV, kVec>(g, h, zr, tr, j0, y_local, c, f, inv_div);
+      store<T, kVec>(gz + j0, g);
+      if (gt_w != nullptr) store<T, kVec>(gt_w + j0, h);
+      convert<T, kVec>(z1, zr, c);
+      convert<T, kVec>(t1, tr, c);
+      grad_chunk<DIV, kVec>(g, h, zr, tr, j1, y_local, c, f, inv_div);
+      store<T, kVec>(gz + j1, g);
+      if (gt_w != nullptr) store<T, kVec>(gt_w + j1, h);
+    }
+    if (k >= 0) {
       float zr[kVec], tr[kVec], g[kVec], h[kVec];
       const int64_t j = sp.head + k * kVec;
       load<T, kVec, true>(z + j, zr, c);
@@ -574,9 +652,7 @@ void launch_dtype(const KDProblem& P, cudaStream_t stream) {
 void scale_rows_cuda(int64_t grad, int64_t n, int64_t v, int64_t stride, int dtype, int64_t factors,
                      int64_t factors_stride, int device, int64_t stream_handle) {
   if (n <= 0 || v <= 0) return;
-  int previous = -1;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  DeviceScope scope(device);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
   const unsigned grid = unsigned(n < (int64_t(1) << 30) ? n : (int64_t(1) << 30));
   const float* gp = reinterpret_cast<const float*>(static_cast<intptr_t>(factors));
@@ -594,32 +670,43 @@ void scale_rows_cuda(int64_t grad, int64_t n, int64_t v, int64_t stride, int dty
           reinterpret_cast<__half*>(static_cast<intptr_t>(grad)), n, v, stride, gp, factors_stride);
       break;
     default:
-      if (previous != device) cudaSetDevice(previous);
       throw std::invalid_argument("fastkd CUDA: dtype must be float32, bfloat16 or float16");
   }
-  const cudaError_t err = cudaGetLastError();
-  if (previous != device) cudaSetDevice(previous);
-  check(err, "scale_rows launch");
+  check(cudaGetLastError(), "scale_rows launch");
 }
 
 void kd_run_cuda(const KDProblem& P, int device, int64_t stream_handle) {
   if (P.n <= 0 || P.v <= 0) return;
   if (P.mode < kFused || P.mode > kFinish) throw std::invalid_argument("fastkd CUDA: bad mode");
-  int previous = -1;
-  check(cudaGetDevice(&previous), "cudaGetDevice");
-  if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
+  // every way out (a bad dtype or divergence code throws in launch_dtype) restores the caller's device
+  DeviceScope scope(device);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream_handle));
   switch (P.dtype) {
     case kF32: launch_dtype<float>(P, stream); break;
     case kBF16: launch_dtype<__nv_bfloat16>(P, stream); break;
     case kF16: launch_dtype<__half>(P, stream); break;
     default:
-      if (previous != device) cudaSetDevice(previous);
       throw std::invalid_argument("fastkd CUDA: dtype must be float32, bfloat16 or float16");
   }
-  const cudaError_t err = cudaGetLastError();
-  if (previous != device) cudaSetDevice(previous);
-  check(err, "kernel launch");
+  check(cudaGetLastError(), "kernel launch");
+}
+
+std::string kernels_unusable_cuda(int device) {
+  // The kernels are linked with the static CUDA runtime: an older driver than that runtime needs,
+  // or a GPU architecture the build has no code for, makes every launch fail. Asking for a kernel's
+  // attributes loads its module for the device and reports exactly those errors, without a launch.
+  try {
+    DeviceScope scope(device);
+    cudaFuncAttributes attr;
+    const cudaError_t err = cudaFuncGetAttributes(&attr, kd_rows_kernel<float, kForwardKL>);
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // clear the error state, so that later runtime calls start clean
+      return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    }
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return std::string();
 }
 
 }  // namespace fastkd

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "common/problems.h"
 
@@ -17,6 +18,11 @@ namespace fastkd {
 // Throws std::runtime_error on a launch error, std::invalid_argument for a bad mode or an
 // unsupported dtype (float64 is CPU-only).
 void kd_run_cuda(const KDProblem& p, int device, int64_t stream);
+
+// "" when the kernels can run on `device`, else why not (the runtime's error name and message: a
+// driver older than the runtime these kernels were linked with, no kernel image for this GPU's
+// architecture, no device). Never throws.
+std::string kernels_unusable_cuda(int device);
 
 // grad[r, :] *= factors[r * factors_stride] in place (factors: float32 device pointer), skipping
 // rows whose factor is exactly 1 on the device: the backward of the fused loss without an N×V pass

@@ -12,8 +12,11 @@
 // traffic per row of V logits of b bytes: the student is read twice and the gradient written once
 // (plus k scattered corrections): 3 row transfers against the dense kd loss's 5.
 //
-// Preconditions: unit column stride; 16-byte loads only when every row start of the student and
-// the gradient is 16-byte aligned (otherwise scalar loads of the same slots); 64-bit offsets;
+// Loads: rows are walked in 16-byte slots anchored at 16-byte boundaries (cuda/cache_common.cuh):
+// vector loads and stores for any row length and stride, as long as a student row and its gradient
+// row start at the same offset from a boundary (otherwise that row goes element by element).
+//
+// Preconditions: unit column stride; 64-bit offsets;
 // ids < 2^31 (a row with an id >= V or a repeated id gets a NaN loss and gradient, never an
 // out-of-bounds read); float32, bf16 or fp16 inputs with float32 accumulation; the divisor a device
 // float32.
@@ -35,12 +38,12 @@ namespace fastkd {
 namespace {
 
 using cuda_cache::Add;
-using cuda_cache::aligned16;
 using cuda_cache::block_allreduce;
 using cuda_cache::block_lse;
 using cuda_cache::check;
 using cuda_cache::DeviceScope;
 using cuda_cache::from_f;
+using cuda_cache::slot_mask;
 using cuda_cache::load_slot;
 using cuda_cache::Lse;
 using cuda_cache::lse_add;
@@ -53,6 +56,8 @@ using cuda_cache::ninf;
 using cuda_cache::Plan;
 using cuda_cache::qnan;
 using cuda_cache::round16;
+using cuda_cache::row_slots;
+using cuda_cache::RowSlots;
 using cuda_cache::store_slot;
 using cuda_cache::to_f;
 using cuda_cache::vec_of;
@@ -69,7 +74,6 @@ struct SparseLayout {
   int64_t ws_stride;
   int64_t nwords;     // bitmap words: ceil(v / 32)
   int64_t off_eid, off_ew, off_es;  // byte offsets of the per-entry arrays (k each)
-  bool vec_ok;
 };
 
 struct SparseConsts {
@@ -79,15 +83,24 @@ struct SparseConsts {
 };
 
 template <typename T>
-__device__ void fill_row(T* row, int64_t nslots, int64_t v, bool vec_ok, float value) {
+__device__ void fill_row(T* row, int64_t v, float value) {
   constexpr int N = VecOf<T>::N;
   float g[N];
 #pragma unroll
   for (int i = 0; i < N; ++i) g[i] = value;
-  for (int64_t slot = threadIdx.x; slot < nslots; slot += blockDim.x) {
-    const int64_t left = v - slot * N;
-    store_slot<T>(row, slot, left >= N ? N : int(left), vec_ok, g);
-  }
+  const RowSlots rs = row_slots(row, v);
+  for (int64_t slot = threadIdx.x; slot < rs.count; slot += blockDim.x) store_slot<T>(row, slot, v, rs, g);
+}
+
+// Bits j0 .. j0 + N − 1 of the stored-id bitmap (bit i: id j0 + i), N <= 32. A slot starts at a
+// multiple of N only in a 16-byte aligned row; otherwise it may straddle two words, or start before
+// the row (j0 < 0, the ids below 0 read as not stored).
+__device__ __forceinline__ unsigned slot_bits(const unsigned* bits, int64_t j0, int n, int64_t nwords) {
+  if (j0 < 0) return bits[0] << unsigned(-j0);
+  const int64_t w = j0 >> 5;
+  const unsigned b = unsigned(j0 & 31);
+  const unsigned lo = bits[w], hi = b + unsigned(n) > 32u && w + 1 < nwords ? bits[w + 1] : 0u;
+  return __funnelshift_r(lo, hi, b);
 }
 
 template <typename T>
@@ -106,7 +119,7 @@ __global__ void __launch_bounds__(kSparseThreads, 2) sparse_kernel(SparseKDProbl
   float* es = reinterpret_cast<float*>(scratch + L.off_es); // student's z/τ at the entry's id
 
   const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int64_t v = P.v, K = P.k, nslots = (v + N - 1) / N;
+  const int64_t v = P.v, K = P.k;
   const float inv_t = c.inv_t;
   const float inv_div = 1.f / *static_cast<const float*>(P.divisor);
   for (int64_t w = tid; w < L.nwords; w += nthreads) bits[w] = 0u;
@@ -121,7 +134,7 @@ __global__ void __launch_bounds__(kSparseThreads, 2) sparse_kernel(SparseKDProbl
     if (P.target != nullptr) {
       y = P.target[r];
       if (y == P.ignore_index) {  // contributes nothing, not even NaN
-        fill_row(g, nslots, v, L.vec_ok, 0.f);
+        fill_row(g, v, 0.f);
         if (tid == 0) *loss = 0.f;
         continue;
       }
@@ -165,7 +178,7 @@ __global__ void __launch_bounds__(kSparseThreads, 2) sparse_kernel(SparseKDProbl
     nvalid = block_allreduce(nvalid, 0, ibuf, Add<int>());
     if (bad) {
       if (tid == 0) *loss = qnan();
-      fill_row(g, nslots, v, L.vec_ok, qnan());
+      fill_row(g, v, qnan());
       for (int64_t i = tid; i < K; i += nthreads)
         if (eid[i] >= 0) bits[eid[i] >> 5] = 0u;
       __syncthreads();
@@ -173,13 +186,14 @@ __global__ void __launch_bounds__(kSparseThreads, 2) sparse_kernel(SparseKDProbl
     }
 
     // ---- pass 1: complement lse of z/τ (stored ids masked), τ = 1 lse, Σ z ----
+    // (the same slots as the gradient pass below: vectors when z and the gradient share the row's offset)
+    const RowSlots rs = row_slots(z, v, g);
     Lse comp = lse_empty(), one = lse_empty();
     float sum_z = 0.f;
-    for (int64_t slot = tid; slot < nslots; slot += nthreads) {
+    for (int64_t slot = tid; slot < rs.count; slot += nthreads) {
       float zr[N], sr[N];
-      const int nv = load_slot<T, false>(z, slot, v, L.vec_ok, zr);
-      const int64_t j0 = slot * N;
-      const unsigned in_set = bits[j0 >> 5] >> unsigned(j0 & 31);  // N divides 32: one word per slot
+      const int64_t j0 = load_slot<T, false>(z, slot, v, rs, zr);
+      const unsigned in_set = slot_bits(bits, j0, N, L.nwords);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         sr[i] = ((in_set >> i) & 1u) ? ninf() : zr[i] * inv_t;
@@ -188,9 +202,10 @@ __global__ void __launch_bounds__(kSparseThreads, 2) sparse_kernel(SparseKDProbl
       lse_add(comp, sr);
       if (c.need_m1) lse_add(one, zr);
       if (c.need_sum) {
+        const unsigned inside = slot_mask<N>(j0, v);
 #pragma unroll
         for (int i = 0; i < N; ++i)
-          if (i < nv) sum_z += zr[i];
+          if ((inside >> i) & 1u) sum_z += zr[i];
       }
     }
     comp = block_lse(comp, lbuf);
@@ -242,9 +257,9 @@ __global__ void __launch_bounds__(kSparseThreads, 2) sparse_kernel(SparseKDProbl
     // ---- pass 2: the complement formula everywhere, walking the row backwards ----
     const float gs = c.soft_scale * inv_t * inv_div, gc = gs * c_tail;
     const float gh = c.use_hard ? c.hard * inv_div : 0.f;
-    for (int64_t slot = nslots - 1 - tid; slot >= 0; slot -= nthreads) {
+    for (int64_t slot = rs.count - 1 - tid; slot >= 0; slot -= nthreads) {
       float zr[N], gr[N];
-      const int nv = load_slot<T, true>(z, slot, v, L.vec_ok, zr);
+      const int64_t j0 = load_slot<T, true>(z, slot, v, rs, zr);
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         const float q = __expf(zr[i] * inv_t - lse_z);
@@ -252,11 +267,11 @@ __global__ void __launch_bounds__(kSparseThreads, 2) sparse_kernel(SparseKDProbl
         if (c.use_hard) {
           const float q1 = c.tau_one ? q : __expf(zr[i] - lse_1);
           gi += gh * (q1 - c.eps_v);
-          if (slot * N + i == y) gi -= gh * (1.f - c.eps);
+          if (j0 + i == y) gi -= gh * (1.f - c.eps);
         }
         gr[i] = gi;
       }
-      store_slot<T>(g, slot, nv, L.vec_ok, gr);
+      store_slot<T>(g, slot, v, rs, gr);
     }
     __syncthreads();  // the stored ids' entries below overwrite pass 2's
 
@@ -315,8 +330,6 @@ void launch_sparse(const SparseKDProblem& P, const Plan& pl, const SparseSizes& 
   L.off_eid = s.off_eid;
   L.off_ew = s.off_ew;
   L.off_es = s.off_es;
-  const int es = int(sizeof(T));
-  L.vec_ok = aligned16(P.z, P.n, P.stride_z, es) && aligned16(P.grad, P.n, P.stride_g, es);
   SparseConsts c;
   c.inv_t = 1.f / float(P.temperature);
   c.soft_scale = float(P.soft_scale);

@@ -1,8 +1,8 @@
 """The ``cuda`` backend: the CUDA kernels of ``fastkd._C`` (``csrc/cuda/``), when it was built with nvcc.
 
-Implements ``kd``, ``kd_shard``, ``capture_topk``, ``capture_sample`` and
-``sparse_kd`` for CUDA tensors of float32, bfloat16 and float16, plus ``scale_rows_`` (the in-place
-backward of ``kd``). Every kernel is enqueued on the caller's current stream of the tensors' device
+Implements ``kd`` (also loss-only, without writing a gradient), ``kd_shard``, ``capture_topk``,
+``capture_sample`` and ``sparse_kd`` for CUDA tensors of float32, bfloat16 and float16, plus
+``scale_rows`` (the in-place backward). Every kernel is enqueued on the caller's current stream of the tensors' device
 and never synchronises with the host. Importing this module needs no GPU.
 """
 from __future__ import annotations
@@ -121,14 +121,32 @@ def sparse_kd(student, ids, weights, target, divisor, loss, grad, **settings) ->
     _ext.C.sparse_kd_cuda(**args, workspace=_ws_ptr(ws), **launch)
 
 
-if not _ext.has_cuda_kernels():
-    registry.unavailable("cuda", "fastkd._C was built without the CUDA kernels (no nvcc at build time)"
-                         if _ext.C is not None else f"extension failed to load: {_ext.LOAD_ERROR}")
-else:
-    _gpu = ("cuda",)
-    registry.register("cuda", "kd", kd, devices=_gpu, dtypes=_DTYPES)
-    registry.register("cuda", "kd_shard", _Shard(), devices=_gpu, dtypes=_DTYPES)
-    registry.register("cuda", "scale_rows", scale_rows_, devices=_gpu, dtypes=_DTYPES)
-    registry.register("cuda", "capture_topk", capture_topk, devices=_gpu, dtypes=_DTYPES)
-    registry.register("cuda", "capture_sample", capture_sample, devices=_gpu, dtypes=_DTYPES)
-    registry.register("cuda", "sparse_kd", sparse_kd, devices=_gpu, dtypes=_DTYPES)
+def _probe(device: int) -> str:
+    """'' when the kernels can run on ``device``, else the CUDA runtime's reason."""
+    return _ext.C.kernels_unusable_cuda(device=device)
+
+
+def register(probe=_probe) -> None:
+    """Registers the CUDA kernels, unless they cannot run here: built without nvcc, or — asked of the
+    CUDA runtime once, on the current device — a driver older than the runtime the kernels were
+    linked with, or a GPU architecture the build has no code for. Then nothing is registered and
+    ``backend="auto"`` takes the next backend (Triton), instead of every call raising."""
+    if not _ext.has_cuda_kernels():
+        registry.unavailable("cuda", "fastkd._C was built without the CUDA kernels (no nvcc at build time)"
+                             if _ext.C is not None else f"extension failed to load: {_ext.LOAD_ERROR}")
+        return
+    if torch.cuda.is_available():
+        why = probe(torch.cuda.current_device())
+        if why:
+            registry.unavailable("cuda", f"the CUDA kernels cannot run on this GPU: {why}")
+            return
+    gpu = ("cuda",)
+    registry.register("cuda", "kd", kd, devices=gpu, dtypes=_DTYPES, caps=("loss_only",))
+    registry.register("cuda", "kd_shard", _Shard(), devices=gpu, dtypes=_DTYPES)
+    registry.register("cuda", "scale_rows", scale_rows_, devices=gpu, dtypes=_DTYPES)
+    registry.register("cuda", "capture_topk", capture_topk, devices=gpu, dtypes=_DTYPES)
+    registry.register("cuda", "capture_sample", capture_sample, devices=gpu, dtypes=_DTYPES)
+    registry.register("cuda", "sparse_kd", sparse_kd, devices=gpu, dtypes=_DTYPES)
+
+
+register()

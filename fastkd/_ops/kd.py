@@ -101,6 +101,21 @@ def _runs_once() -> bool:
         return False
 
 
+# Devices where reading grad_output on the host is free: there a backward whose grad_output is all
+# ones hands the stored buffer on as is. Elsewhere (a GPU) reading it would be a host sync, so the
+# backend's in-place scale_rows kernel decides per row on the device.
+_HOST_DEVICES = frozenset({"cpu"})
+
+
+def _scale_in_place(grad: torch.Tensor, g: torch.Tensor, backend: str) -> Optional[torch.Tensor]:
+    """``grad`` scaled in place by the backend's ``scale_rows`` kernel (rows whose factor is exactly 1
+    skipped on the device), or None when the backend has none for this tensor."""
+    impl = registry.find("scale_rows", backend, grad.device.type)
+    if impl is None or grad.dim() != 2 or grad.stride(-1) != 1:
+        return None
+    return impl.fn(grad, g)
+
+
 def scale_rows(grad: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tensor:
     """``grad · g`` per row for a gradient the forward stored; ``g`` is the (N,) grad_output.
 
@@ -110,13 +125,13 @@ def scale_rows(grad: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tenso
     on the device) when this backward runs once; otherwise out of place.
     """
     if _eager_tensor(g):
-        if grad.device.type == "cpu":
+        if grad.device.type in _HOST_DEVICES:
             if bool(torch.all(g == 1)):
                 return grad
         elif _runs_once():
-            impl = registry.find("scale_rows", backend, grad.device.type)
-            if impl is not None and grad.dim() == 2 and grad.stride(-1) == 1:
-                return impl.fn(grad, g)
+            out = _scale_in_place(grad, g, backend)
+            if out is not None:
+                return out
     # g stays float32: computed per element in float32 and rounded once into the gradient's dtype,
     # without a float32 N×V temporary.
     g = g.unsqueeze(-1).to(acc_dtype(grad.dtype))
@@ -169,14 +184,19 @@ class _KDInplace(torch.autograd.Function):
         registry.implementation("kd", backend).fn(student, teacher, target, divisor, loss, student, None, p)
         torch.autograd.graph.increment_version(student)
         ctx.save_for_backward(student.detach())
+        ctx.backend = backend
         return loss
 
     @staticmethod
     def backward(ctx, g_loss):
         (grad,) = ctx.saved_tensors
         # The buffer already is the student's storage: scale it in place (a second backward through
-        # a retained graph then fails on the version counter instead of double-scaling).
-        if not (grad.device.type == "cpu" and _eager_tensor(g_loss) and bool(torch.all(g_loss == 1))):
+        # a retained graph then fails on the version counter instead of double-scaling). On a GPU
+        # the backend's kernel skips the rows whose factor is 1, without a host sync.
+        if grad.device.type in _HOST_DEVICES and _eager_tensor(g_loss):
+            if not bool(torch.all(g_loss == 1)):
+                grad.mul_(g_loss.unsqueeze(-1).to(acc_dtype(grad.dtype)))
+        elif not _eager_tensor(g_loss) or _scale_in_place(grad, g_loss, ctx.backend) is None:
             grad.mul_(g_loss.unsqueeze(-1).to(acc_dtype(grad.dtype)))
         return grad, None, None, None, None, None
 

@@ -77,7 +77,7 @@ def _capture_line(rec, label):
           f"read once {rec['read_once_ms']:.2f} ms | topk+logsumexp fp32 {rec['topk_logsumexp_fp32_ms']:.2f} ms, "
           f"native {rec['topk_logsumexp_native_ms']:.2f} ms | fastkd top-k {rec['fastkd_topk_ms']:.2f} ms "
           f"({rec['speedup_vs_eager']:.2f}x the fp32 idiom, {rec['topk_over_read']:.2f}x one read) | "
-          f"fastkd sampled {rec['fastkd_sample_ms']:.2f} ms")
+          f"fastkd sampled {rec['fastkd_sample_ms']:.2f} ms, systematic {rec['fastkd_sample_systematic_ms']:.2f} ms")
 
 
 def _loss_line(rec, label):
@@ -100,7 +100,10 @@ def plot_points(records):
                                ("topk+logsumexp fp32", "topk_logsumexp_fp32_ms"),
                                ("topk+logsumexp native", "topk_logsumexp_native_ms"),
                                ("fastkd capture top-k" + suffix, "fastkd_topk_ms"),
-                               ("fastkd capture sampled" + suffix, "fastkd_sample_ms")):
+                               ("fastkd capture sampled" + suffix, "fastkd_sample_ms"),
+                               ("fastkd capture systematic" + suffix, "fastkd_sample_systematic_ms")):
+                if key not in r:  # records written before this measurement existed
+                    continue
                 pts.append(common.Point(f"capture: {label}", r["n"], r["v"], r[key],
                                         nbytes / (r[key] * 1e-3) / 1e9, r["dtype"]))
         elif r.get("bench") == "loss_fwd_bwd":
@@ -129,10 +132,14 @@ def _capture(t, shape, providers, device, reps):
         g = torch.Generator(device=device).manual_seed(0)
         sample_ms = common.median_ms(lambda: fastkd.capture(t, mode="sample", num_samples=num_samples, generator=g,
                                                             backend=be), device, reps)
+        systematic_ms = common.median_ms(lambda: fastkd.capture(t, mode="sample", num_samples=num_samples,
+                                                                sampling="systematic", generator=g, backend=be),
+                                         device, reps)
         yield dict(bench="capture", **shape, **({"provider": prov} if prov else {}),
                    read_once_ms=read_ms, topk_logsumexp_fp32_ms=eager_ms,
                    topk_logsumexp_native_ms=eager_native_ms, fastkd_topk_ms=topk_ms,
-                   fastkd_sample_ms=sample_ms, speedup_vs_eager=eager_ms / topk_ms,
+                   fastkd_sample_ms=sample_ms, fastkd_sample_systematic_ms=systematic_ms,
+                   speedup_vs_eager=eager_ms / topk_ms,
                    speedup_vs_eager_native=eager_native_ms / topk_ms, topk_over_read=topk_ms / read_ms,
                    **({"sample_over_read": sample_ms / read_ms} if prov else {}),
                    bytes_read=t.numel() * t.element_size())

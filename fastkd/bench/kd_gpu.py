@@ -1,9 +1,17 @@
 """GPU benchmark of the fused kd loss against the bandwidth floor and its peers.
 
 Providers: torch eager idiom, torch.compile of the same idiom, liger-kernel (its KL-div + cross-
-entropy, and its JSD, when importable), fastkd-triton, fastkd-cuda. Modes: "fwd" (the loss; the
-fused backends also write the gradient here) and "fwd_bwd" (loss + d loss / d student via
-torch.autograd.grad, so no .grad accumulation is timed).
+entropy, and its JSD, when importable), fastkd-triton, fastkd-cuda. Modes (the student's gradient
+via torch.autograd.grad, so no .grad accumulation is timed):
+
+* "fwd": the forward of a training step (the fused backends write the gradient here);
+* "fwd_nograd": an eval forward under torch.no_grad (the fused backends write no gradient);
+* "fwd_inplace_grad": fastkd only, ``inplace_grad=True``: the gradient written over the logits;
+* "fwd_bwd": forward + backward with grad_output 1 (``loss.backward()``; fastkd on a GPU: the
+  in-place scaling kernel skips every row);
+* "fwd_bwd_scaled": the same with grad_output 0.5 (the in-place scaling pass over the gradient);
+* "fwd_bwd_retained": the same under ``retain_graph=True`` (the gradient is scaled out of place,
+  keeping the saved one for the next backward).
 
 Reported per run: median ms (CUDA events, in this process), peak memory over the inputs, achieved
 GB/s over the minimal traffic (read z, read t, write dz: 3 x element size per logit) and its fraction
@@ -12,6 +20,7 @@ pass floors: two-pass (forward/reverse KL + CE: read z, t twice, write dz = 5 x 
 10 bytes for bf16), three-pass (JSD: 7 x element size) and one-pass (3 x element size).
 
     fastkd bench kd_gpu --quick --out kd_gpu.jsonl    # bf16, N=16384, V=128256, every divergence
+    fastkd bench kd_gpu --modes fwd fwd_nograd fwd_inplace_grad fwd_bwd fwd_bwd_scaled fwd_bwd_retained
     fastkd bench kd_gpu --out kd_gpu.jsonl            # bf16/fp32 x N {4096,16384} x V {32000,128256,256000}
 
 One JSON object per line, with device name, versions and date; each line is written as soon as it
@@ -31,6 +40,7 @@ MODULE = "fastkd.bench.kd_gpu"
 SUMMARY = "fused kd loss on a GPU against its pass floors, liger and torch.compile (CUDA events)"
 DTYPES = ("bf16", "fp32", "fp16")
 PROVIDERS = ("fastkd-cuda", "fastkd-triton", "liger", "torch-compile", "torch-eager")
+MODES = ("fwd", "fwd_nograd", "fwd_inplace_grad", "fwd_bwd", "fwd_bwd_scaled", "fwd_bwd_retained")
 TEMPERATURE, HARD_WEIGHT, BETA = 2.0, 0.5, 0.5
 
 
@@ -39,7 +49,7 @@ def add_arguments(ap: argparse.ArgumentParser, default_out=None) -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=DTYPES)
     ap.add_argument("--ns", nargs="+", type=int, default=[4096, 16384])
     ap.add_argument("--vs", nargs="+", type=int, default=[32000, 128256, 256000])
-    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=MODES)
     ap.add_argument("--divergences", nargs="+", default=["forward_kl"],
                     choices=["forward_kl", "reverse_kl", "jsd"])
     ap.add_argument("--reps", type=int, default=10)
@@ -142,10 +152,11 @@ def _liger():
 def fastkd_loss(backend):
     import fastkd
 
-    def loss(z, t, y, divergence):
+    def loss(z, t, y, divergence, inplace_grad=False):
         return fastkd.kd_loss(z, t, y, temperature=TEMPERATURE, hard_weight=HARD_WEIGHT,
-                              divergence=divergence, beta=BETA, backend=backend)
+                              divergence=divergence, beta=BETA, backend=backend, inplace_grad=inplace_grad)
 
+    loss.fastkd = True
     return loss
 
 
@@ -178,14 +189,29 @@ def run_one(name, fn, dtype, n, v, mode, divergence, reps, common_fields):
         z = (torch.randn(n, v, device="cuda", generator=g) * 2).to(dtype)
         t = (torch.randn(n, v, device="cuda", generator=g) * 2).to(dtype)
         y = torch.randint(0, v, (n,), device="cuda", generator=g)
+        if mode == "fwd_inplace_grad" and not getattr(fn, "fastkd", False):
+            rec["status"] = "n/a: no in-place gradient"
+            return rec
+        zz = z.detach().requires_grad_()
         if mode == "fwd":
             def step():
-                return fn(z, t, y, divergence)
+                return fn(zz, t, y, divergence)
+        elif mode == "fwd_nograd":
+            def step():
+                with torch.no_grad():
+                    return fn(z, t, y, divergence)
+        elif mode == "fwd_inplace_grad":
+            # the student logits take the gradient; later calls run on those values (same work)
+            def step():
+                return fn(z, t, y, divergence, inplace_grad=True)
         else:
-            zz = z.requires_grad_()
+            go = 0.5 if mode == "fwd_bwd_scaled" else None
+            keep = mode == "fwd_bwd_retained"
 
             def step():
-                return torch.autograd.grad(fn(zz, t, y, divergence), zz)[0]
+                loss = fn(zz, t, y, divergence)
+                g = None if go is None else torch.full_like(loss, go)
+                return torch.autograd.grad(loss, zz, g, retain_graph=keep)[0]
         step()  # compile / autotune outside the measurements
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -197,7 +223,9 @@ def run_one(name, fn, dtype, n, v, mode, divergence, reps, common_fields):
         del out
         ms = _time_ms(step, reps)
         bw = common_fields["copy_bw_gbps"] * 1e9
-        min_bytes = 3 * elt * nv
+        nograd = mode == "fwd_nograd"
+        # a loss without its gradient reads z and t once (JSD: twice) and writes nothing N×V
+        min_bytes = (2 if nograd else 3) * elt * nv
         rec.update(
             status="ok", median_ms=ms, min_traffic_bytes=min_bytes,
             achieved_gbps=min_bytes / (ms * 1e-3) / 1e9,
@@ -205,8 +233,12 @@ def run_one(name, fn, dtype, n, v, mode, divergence, reps, common_fields):
             floor_one_pass_ms=3 * elt * nv / bw * 1e3,
             floor_two_pass_ms=5 * elt * nv / bw * 1e3,
             floor_three_pass_ms=7 * elt * nv / bw * 1e3,
+            floor_loss_only_ms=(4 if divergence == "jsd" else 2) * elt * nv / bw * 1e3,
         )
-        floor = rec["floor_three_pass_ms"] if divergence == "jsd" else rec["floor_two_pass_ms"]
+        if nograd:
+            floor = rec["floor_loss_only_ms"]
+        else:
+            floor = rec["floor_three_pass_ms"] if divergence == "jsd" else rec["floor_two_pass_ms"]
         rec["time_over_pass_floor"] = ms / floor
     except torch.cuda.OutOfMemoryError:
         rec["status"] = "oom"
@@ -260,7 +292,7 @@ def run(args) -> int:
                             records.append(rec)
                             common.append_jsonl(out, [rec])
                             ms = rec.get("median_ms")
-                            print(f"{name:14s} {dt:4s} N={n:<6d} V={v:<7d} {div:10s} {mode:7s} "
+                            print(f"{name:14s} {dt:4s} N={n:<6d} V={v:<7d} {div:10s} {mode:16s} "
                                   + (f"{ms:9.3f} ms  {rec['achieved_gbps']:7.0f} GB/s  "
                                      f"{rec['time_over_pass_floor']:.2f}x floor  "
                                      f"peak+{rec['peak_mem_over_inputs_bytes'] / 2**30:.2f} GiB"

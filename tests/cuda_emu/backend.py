@@ -36,6 +36,7 @@ _SHIM = r'''
 
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "cuda/capture.h"
 #include "cuda/kd.h"
@@ -50,7 +51,7 @@ extern "C" int emu_kd(int mode, int64_t student, int64_t teacher, int64_t target
                       int64_t stride_teacher, int64_t stride_grad_student, int64_t stride_grad_teacher,
                       int64_t col_offset, int64_t vocab_total, int dtype, double temperature, double soft_scale,
                       double hard_weight, int divergence, double beta, int64_t ignore_index,
-                      double label_smoothing, double softcap) {
+                      double label_smoothing, double softcap, int device) {
   fastkd::KDProblem p{};
   p.mode = mode; p.dtype = dtype;
   p.z = (const void*)student; p.t = (const void*)teacher; p.target = (const int64_t*)target;
@@ -63,8 +64,16 @@ extern "C" int emu_kd(int mode, int64_t student, int64_t teacher, int64_t target
   p.args.temperature = temperature; p.args.soft_scale = soft_scale; p.args.hard_weight = hard_weight;
   p.args.divergence = divergence; p.args.beta = beta; p.args.ignore_index = ignore_index;
   p.args.label_smoothing = label_smoothing; p.args.softcap = softcap; p.args.has_target = target != 0;
-  try { fastkd::kd_run_cuda(p, 0, 0); } catch (const std::exception& e) { return fail(e); }
+  try { fastkd::kd_run_cuda(p, device, 0); } catch (const std::exception& e) { return fail(e); }
   return 0;
+}
+extern "C" void emu_set_device(int device) { emu::current_device = device; }
+extern "C" int emu_current_device() { return emu::current_device; }
+extern "C" void emu_set_module_error(int err) { emu::module_error = err; }
+static std::string probe_text;
+extern "C" const char* emu_kernels_unusable(int device) {
+  probe_text = fastkd::kernels_unusable_cuda(device);
+  return probe_text.c_str();
 }
 extern "C" int emu_scale_rows(int64_t grad, int64_t n, int64_t vocab, int64_t stride, int dtype, int64_t factors,
                               int64_t factors_stride) {
@@ -126,7 +135,7 @@ _SAMPLE = ("teacher", "uniforms", "ids", "counts", "lse", "n", "vocab", "stride_
 _SPARSE = ("student", "ids", "weights", "target", "divisor", "loss", "grad", "n", "vocab", "k", "stride_student",
            "stride_grad", "dtype", "tail", "temperature", "soft_scale", "hard_weight", "ignore_index",
            "label_smoothing")
-_I32 = {"mode", "dtype", "divergence", "tail"}
+_I32 = {"mode", "dtype", "divergence", "tail", "device"}
 _F64 = {"temperature", "soft_scale", "hard_weight", "beta", "label_smoothing", "softcap"}
 
 
@@ -161,11 +170,11 @@ class Emulation:
         if rc != 0:
             raise RuntimeError(f"cuda_emu: {what} failed (see stderr)")
 
-    def kd(self, student, teacher, target, divisor, loss, grad_s, grad_t, p, **modes) -> None:
+    def kd(self, student, teacher, target, divisor, loss, grad_s, grad_t, p, *, device: int = 0, **modes) -> None:
         div = divisor if divisor.dtype == torch.float32 else divisor.float()
         tgt = None if target is None else target.contiguous()
         args = KA.kd_args(student, teacher, tgt, div, loss, grad_s, grad_t, p, **modes)
-        self._check(self.lib.emu_kd(*[args[k] for k in _KD]), "kd")
+        self._check(self.lib.emu_kd(*[args[k] for k in _KD], device), "kd")
 
     def scale_rows(self, grad, g):
         n, v = grad.shape
@@ -213,7 +222,7 @@ class Emulation:
         registry._LOADED[NAME] = True
         dtypes = (torch.float32, torch.bfloat16, torch.float16)
         cpu = ("cpu",)
-        registry.register(NAME, "kd", self.kd, devices=cpu, dtypes=dtypes)
+        registry.register(NAME, "kd", self.kd, devices=cpu, dtypes=dtypes, caps=("loss_only",))
         registry.register(NAME, "kd_shard", _Shard(self), devices=cpu, dtypes=dtypes)
         registry.register(NAME, "scale_rows", self.scale_rows, devices=cpu, dtypes=dtypes)
         registry.register(NAME, "capture_topk", self.capture_topk, devices=cpu, dtypes=dtypes)
@@ -286,7 +295,12 @@ def build(out_dir) -> Emulation:
     assert r.returncode == 0, r.stderr[-4000:]
     lib = ctypes.CDLL(str(so))
     lib.emu_limits.argtypes = [ctypes.c_int, ctypes.c_int]
-    lib.emu_kd.argtypes = _types(_KD)
+    lib.emu_kd.argtypes = _types(_KD, ("device",))
+    lib.emu_set_device.argtypes = [ctypes.c_int]
+    lib.emu_current_device.restype = ctypes.c_int
+    lib.emu_set_module_error.argtypes = [ctypes.c_int]
+    lib.emu_kernels_unusable.argtypes = [ctypes.c_int]
+    lib.emu_kernels_unusable.restype = ctypes.c_char_p
     lib.emu_scale_rows.argtypes = [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 2
     for name in ("emu_topk_ws", "emu_sample_ws", "emu_sparse_ws"):
         getattr(lib, name).argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]

@@ -32,17 +32,45 @@ struct float2 {
   float x, y;
 };
 inline float2 make_float2(float a, float b) { return {a, b}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 typedef void* cudaStream_t;
 typedef int cudaError_t;
 constexpr int cudaSuccess = 0;
-inline const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+constexpr int cudaErrorInsufficientDriver = 35;
+constexpr int cudaErrorNoKernelImageForDevice = 209;
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : e == cudaErrorInsufficientDriver
+      ? "CUDA driver version is insufficient for CUDA runtime version"
+      : e == cudaErrorNoKernelImageForDevice ? "no kernel image is available for execution on the device"
+                                             : "emulated error";
+}
+inline const char* cudaGetErrorName(cudaError_t e) {
+  return e == cudaSuccess ? "cudaSuccess" : e == cudaErrorInsufficientDriver ? "cudaErrorInsufficientDriver"
+      : e == cudaErrorNoKernelImageForDevice ? "cudaErrorNoKernelImageForDevice" : "cudaErrorUnknown";
+}
+namespace emu {
+inline int current_device = 0;      // what cudaGetDevice reports and cudaSetDevice changes
+inline cudaError_t module_error = 0;  // what cudaFuncGetAttributes reports (a kernel that cannot load)
+}  // namespace emu
 inline cudaError_t cudaGetDevice(int* d) {
-  *d = 0;
+  *d = emu::current_device;
   return cudaSuccess;
 }
-inline cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+inline cudaError_t cudaSetDevice(int d) {
+  emu::current_device = d;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+struct cudaFuncAttributes {
+  int numRegs = 0, maxThreadsPerBlock = 1024;
+  size_t sharedSizeBytes = 0, localSizeBytes = 0;
+};
+template <typename F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F) {
+  *attr = cudaFuncAttributes{};
+  return emu::module_error;
+}
 
 namespace emu {
 inline thread_local dim3 tid, bid;
@@ -178,6 +206,25 @@ inline unsigned __match_any_sync(unsigned, unsigned v) {
   unsigned m = 0;
   for (unsigned l = 0; l < 32; ++l) m |= unsigned(all[l] == v) << l;
   return m;
+}
+// sm_80 warp reductions (REDUX): every lane gets the result over the warp
+inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+  uint64_t all[32];
+  emu::gather(v, all);
+  unsigned m = 0;
+  for (unsigned l = 0; l < 32; ++l) m = std::max(m, unsigned(all[l]));
+  return m;
+}
+inline unsigned __reduce_add_sync(unsigned, unsigned v) {
+  uint64_t all[32];
+  emu::gather(v, all);
+  unsigned s = 0;
+  for (unsigned l = 0; l < 32; ++l) s += unsigned(all[l]);
+  return s;
+}
+// the low 32 bits of (hi:lo) >> (shift & 31)
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+  return unsigned(((uint64_t(hi) << 32) | lo) >> (shift & 31));
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }

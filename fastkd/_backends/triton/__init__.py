@@ -31,7 +31,7 @@ def _register() -> None:
     from .. import pytorch
 
     devices = ("cuda", "cpu") if _INTERPRET else ("cuda",)
-    registry.register("triton", "kd", kd.triton_kd, devices=devices, dtypes=_DTYPES)
+    registry.register("triton", "kd", kd.triton_kd, devices=devices, dtypes=_DTYPES, caps=("loss_only",))
     registry.register("triton", "kd_shard", pytorch.KD_SHARD, devices=devices, dtypes=_DTYPES)
     registry.register("triton", "scale_rows", kd.scale_rows_, devices=devices, dtypes=_DTYPES)
     registry.register("triton", "capture_topk", capture.triton_capture_topk, devices=devices, dtypes=_DTYPES)

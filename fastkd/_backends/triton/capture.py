@@ -37,9 +37,17 @@ from ._common import _INTERPRET, _check_dtype, _device_ctx, _inv_temperature, _n
 _TOPK_KP_MAX = 512
 # Smallest candidate buffer of the interpreter, in keys (the compiled configs: _topk_configs).
 _TOPK_CAP_MIN = 32
-# Selection by tl.topk's bitonic network (compiled kernels); the interpreter runs repeated max
-# extraction instead (the network's xor reductions are slow there). Tests switch it on for small k.
-_TOPK_NETWORK = not _INTERPRET
+
+
+def _selection_network(tl_module, interpret: bool) -> bool:
+    """Whether the top-k kernel selects with ``tl.topk``'s bitonic network (compiled kernels) or by
+    repeated max extraction: the interpreter runs the latter (the network's xor reductions are slow
+    there; tests switch it on for small k), and so does a Triton older than 3.4, which has no
+    ``tl.topk`` (torch 2.4-2.7 bring Triton 3.0-3.3)."""
+    return hasattr(tl_module, "topk") and not interpret
+
+
+_TOPK_NETWORK = _selection_network(tl, _INTERPRET)
 
 
 # ============================================================================================

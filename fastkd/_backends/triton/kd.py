@@ -27,13 +27,48 @@ import triton.language as tl
 from ._common import _INTERPRET, _device_ctx
 
 
+# Autotune candidates, (BLOCK, warps, register cap) per element size and softcap, chosen from the
+# compiled code for sm_90 (bench/kernel_resources.py --triton prints the table): every one keeps whole
+# 16-byte loads per thread (BLOCK / threads elements of 16 or more bytes), spills nothing for any
+# divergence or teacher gradient, and keeps 16-40 KB of loads in flight per SM. The caps hold ptxas to
+# 80 or 128 registers where it would otherwise take 160-255 for scheduling slack and halve the resident
+# blocks; softcap's tanh needs more live values, so its variants get their own list (uncapped 1024/4
+# settles at 96 registers and spills under JSD with softcap; 4096/8 at 128 and 8192/8 spill). num_stages
+# is left at 1: the row loops have no tl.dot to pipeline, and num_stages=2 builds the same cubin.
+_CANDIDATES = {
+    (2, False): ((1024, 4, None), (2048, 8, 80), (4096, 8, 128), (8192, 8, None)),
+    (2, True): ((1024, 4, 128), (2048, 8, None), (4096, 16, None)),
+    (4, False): ((1024, 4, None), (1024, 8, None), (2048, 8, None), (4096, 16, None)),
+    (4, True): ((1024, 4, 128), (1024, 8, None), (2048, 8, None), (4096, 16, None)),
+}
+
+
 def _configs():
     if _INTERPRET:  # the interpreter is slow: one small block, so that tests cover several chunks
         return [triton.Config({"BLOCK": 128}, num_warps=4)]
-    # Up to 16 warps: 1024 threads is the work-group limit on both NVIDIA (32-wide) and AMD (64-wide).
-    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=s)
-            for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16) for s in (1, 2)
-            if not (b == 8192 and w == 4) and not (b == 1024 and w == 16)]
+    seen, out = set(), []
+    for cands in _CANDIDATES.values():
+        for cand in map(_as_built, cands):
+            if cand not in seen:
+                seen.add(cand)
+                block, warps, cap = cand
+                out.append(triton.Config({"BLOCK": block}, num_warps=warps, num_stages=1, maxnreg=cap))
+    return out
+
+
+def _as_built(cand):
+    """A candidate as this platform builds it: maxnreg is a PTX directive, dropped on ROCm."""
+    block, warps, cap = cand
+    return block, warps, cap if torch.version.hip is None else None
+
+
+def _prune(configs, named_args, **kwargs):
+    """The candidates of the logits' element size and softcap (both are in the autotuner's key)."""
+    if _INTERPRET:
+        return configs
+    size = 2 if named_args["z_ptr"].element_size() == 2 else 4
+    want = set(map(_as_built, _CANDIDATES[(size, bool(kwargs.get("HAS_CAP", False)))]))
+    return [c for c in configs if (c.kwargs["BLOCK"], c.num_warps, c.maxnreg) in want] or configs
 
 
 @triton.jit
@@ -52,7 +87,104 @@ def _softcap(x, cap, inv_cap, HAS_CAP: tl.constexpr):
     return x
 
 
-@triton.autotune(configs=_configs(), key=["V", "DIV", "USE_HARD", "TEACHER_GRAD"])
+@triton.jit
+def _stats_chunk(zr, tr, mask, inv_t, m_z, m_t, m_1, d_z, d_t, a_z, a_t, d_1, sum_z,
+                 DIV: tl.constexpr, USE_HARD: tl.constexpr, TAU_ONE: tl.constexpr, NEED_SUM: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Pass 1 over one chunk: the running maxima (scalars) and per-lane sums, updated."""
+    if MASKED:
+        zr = tl.where(mask, zr, float("-inf"))
+        tr = tl.where(mask, tr, float("-inf"))
+    sz = zr * inv_t
+    st = tr * inv_t
+    new_mz = tl.maximum(m_z, tl.max(sz, axis=0))
+    new_mt = tl.maximum(m_t, tl.max(st, axis=0))
+    fz = tl.exp(m_z - new_mz)
+    ft = tl.exp(m_t - new_mt)
+    uz = sz - new_mz  # max-shifted, <= 0
+    ut = st - new_mt
+    ez = tl.exp(uz)
+    et = tl.exp(ut)
+    # The KL sums hold max-shifted log-ratios (kd_math.h): a_t = Σ e_t·(u_t − u_z). A new maximum
+    # rescales them and shifts every old term by the change of (u_t − u_z); the finite initial
+    # maxima keep the shift finite, and lanes without mass have d = 0.
+    shift = (new_mt - m_t) - (new_mz - m_z)
+    # 0·log 0 = 0: entries without mass are skipped (−inf − −inf would be NaN)
+    if DIV == 1:
+        a_z = fz * (a_z + d_z * shift) + tl.where(ez > 0.0, ez * (uz - ut), 0.0)
+    if DIV == 0:
+        a_t = ft * (a_t - d_t * shift) + tl.where(et > 0.0, et * (ut - uz), 0.0)
+    d_z = d_z * fz + ez
+    d_t = d_t * ft + et
+    if USE_HARD:
+        if not TAU_ONE:
+            new_m1 = tl.maximum(m_1, tl.max(zr, axis=0))
+            d_1 = d_1 * tl.exp(m_1 - new_m1) + tl.exp(zr - new_m1)
+            m_1 = new_m1
+        if NEED_SUM:
+            if MASKED:
+                sum_z += tl.where(mask, zr, 0.0)
+            else:
+                sum_z += zr
+    return new_mz, new_mt, m_1, d_z, d_t, a_z, a_t, d_1, sum_z
+
+
+@triton.jit
+def _jsd_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, beta, log_beta, log_beta1, acc_q, acc_p,
+               MASKED: tl.constexpr):
+    """The JSD pass over one chunk: S_q, S_p per lane, updated."""
+    lq = (zr * inv_t - m_z) - log_dz
+    lp = (tr * inv_t - m_t) - log_dt
+    if MASKED:
+        lq = tl.where(mask, lq, float("-inf"))
+        lp = tl.where(mask, lp, float("-inf"))
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    # log(βp + (1−β)q), bounded below by either term's own log (an underflowed m would otherwise
+    # turn q·(log q − log m) into q·inf)
+    lm = tl.maximum(tl.log(beta * p + (1.0 - beta) * q), tl.maximum(lq + log_beta1, lp + log_beta))
+    acc_q += tl.where(q > 0.0, q * (lq - lm), 0.0)
+    acc_p += tl.where(p > 0.0, p * (lp - lm), 0.0)
+    return acc_q, acc_p
+
+
+@triton.jit
+def _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_dh, soft, dsoft, s_q, s_p,
+                beta, log_beta, log_beta1, hard, eps, eps_over_v, inv_cap, g_scale,
+                DIV: tl.constexpr, USE_HARD: tl.constexpr, TAU_ONE: tl.constexpr, HAS_CAP: tl.constexpr):
+    """The gradients of one chunk w.r.t. the student (g) and teacher (h) logits, already scaled."""
+    lq = (zr * inv_t - m_z) - log_dz
+    lp = (tr * inv_t - m_t) - log_dt
+    q = tl.exp(lq)
+    p = tl.exp(lp)
+    if DIV == 0:
+        g = soft * (q - p)
+        h = tl.where(p > 0.0, soft * p * ((lp - lq) - dsoft), 0.0)
+    elif DIV == 1:
+        g = tl.where(q > 0.0, soft * q * ((lq - lp) - dsoft), 0.0)
+        h = soft * (p - q)
+    else:
+        lm = tl.maximum(tl.log(beta * p + (1.0 - beta) * q), tl.maximum(lq + log_beta1, lp + log_beta))
+        g = tl.where(q > 0.0, soft * (1.0 - beta) * q * ((lq - lm) - s_q), 0.0)
+        h = tl.where(p > 0.0, soft * beta * p * ((lp - lm) - s_p), 0.0)
+    if USE_HARD:
+        if TAU_ONE:
+            q1 = q
+        else:
+            q1 = tl.exp((zr - m_h) - log_dh)
+        g += hard * (q1 - eps_over_v)
+        g -= tl.where(col == y_local, hard * (1.0 - eps), 0.0)
+    if HAS_CAP:  # d(c·tanh(x/c))/dx = 1 − tanh², with tanh = capped/c
+        g = g * (1.0 - zr * zr * inv_cap * inv_cap)
+        h = h * (1.0 - tr * tr * inv_cap * inv_cap)
+    return g * g_scale, h * g_scale
+
+
+# restore_value: the autotuner runs every config on the same arguments, and with inplace_grad (and in
+# the fused linear loss) the gradient is written over the student logits: each benchmark run must see
+# the logits, not the previous run's gradient. The copy is taken only while a new key is tuned.
+@triton.autotune(configs=_configs(), key=["V", "DIV", "USE_HARD", "TEACHER_GRAD", "WRITE_GRAD", "HAS_CAP"],
+                 prune_configs_by={"early_config_prune": _prune}, restore_value=["z_ptr"])
 @triton.jit
 def _kd_rows_kernel(
     z_ptr, t_ptr, y_ptr, div_ptr, loss_ptr, gz_ptr, gt_ptr,
@@ -60,15 +192,42 @@ def _kd_rows_kernel(
     inv_t, soft_scale, soft, hard, eps, eps_over_v, beta, log_beta, log_beta1, cap, inv_cap,
     ignore_index,
     DIV: tl.constexpr, USE_HARD: tl.constexpr, TAU_ONE: tl.constexpr, NEED_SUM: tl.constexpr,
-    HAS_CAP: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_CAP: tl.constexpr, TEACHER_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr, VEC: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * stride_z
-    t_row = t_ptr + row * stride_t
-    gz_row = gz_ptr + row * stride_gz
-    gt_row = gt_ptr + row * stride_gt
+    # Row starts as element offsets from the (16-byte aligned, when the launcher says so) base pointers.
+    ez = row * stride_z
+    et = row * stride_t
+    egz = row * stride_gz
+    egt = row * stride_gt
     cols = tl.arange(0, BLOCK)
-    n_chunks = tl.cdiv(V, BLOCK)
+
+    # Each row splits into BLOCK-wide body chunks that start on a 16-byte boundary of every tensor
+    # walked (VEC elements: loaded without a mask, so the compiler emits 16-byte vector loads for any
+    # V and row stride, V = 50257 included) and a remainder: the h columns before the first boundary
+    # and the columns after the last whole chunk, gathered under a mask. When the tensors' rows start
+    # at different offsets from a boundary, the whole row is remainder.
+    h = (VEC - ez % VEC) % VEC
+    same = (et + h) % VEC == 0
+    if WRITE_GRAD:
+        same = same & ((egz + h) % VEC == 0)
+    if TEACHER_GRAD:
+        same = same & ((egt + h) % VEC == 0)
+    h = tl.where(same & (h < V), h, 0).to(tl.int32)
+    nb = tl.where(same, (V - h) // BLOCK, 0).to(tl.int32)
+    n_rem = V - nb * BLOCK  # columns [0, h) and [h + nb·BLOCK, V)
+    r_chunks = tl.cdiv(n_rem, BLOCK)
+    body = nb * BLOCK
+    z_row = z_ptr + ez
+    t_row = t_ptr + et
+    gz_row = gz_ptr + egz
+    gt_row = gt_ptr + egt
+    # the body's start in each tensor: a multiple of VEC elements from its base pointer
+    z_body = z_ptr + tl.multiple_of(ez + h, VEC)
+    t_body = t_ptr + tl.multiple_of(et + h, VEC)
+    gz_body = gz_ptr + tl.multiple_of(egz + h, VEC)
+    gt_body = gt_ptr + tl.multiple_of(egt + h, VEC)
 
     y = tl.load(y_ptr + row * stride_y)
     keep = y != ignore_index
@@ -76,6 +235,7 @@ def _kd_rows_kernel(
         valid_y = (y >= 0) & (y < V)
         y_safe = tl.where(valid_y, y, 0)
         y_local = tl.where(valid_y, y, -1)
+        y_body = y_local - h  # the target's column counted from the body's start
         inv_div = 1.0 / tl.load(div_ptr).to(tl.float32)
         # z at the target, read before pass 1: the cross-warp reductions of pass 1 then order it
         # before every gradient store, which matters when the gradient overwrites z in place
@@ -94,44 +254,42 @@ def _kd_rows_kernel(
         a_t = tl.zeros([BLOCK], dtype=tl.float32)
         d_1 = tl.zeros([BLOCK], dtype=tl.float32)
         sum_z = tl.zeros([BLOCK], dtype=tl.float32)
-        for c in range(0, n_chunks):
-            offs = c * BLOCK + cols
-            mask = offs < V
-            zr = _softcap(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-            tr = _softcap(tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-            zr = tl.where(mask, zr, float("-inf"))
-            tr = tl.where(mask, tr, float("-inf"))
-            sz = zr * inv_t
-            st = tr * inv_t
-            new_mz = tl.maximum(m_z, tl.max(sz, axis=0))
-            new_mt = tl.maximum(m_t, tl.max(st, axis=0))
-            fz = tl.exp(m_z - new_mz)
-            ft = tl.exp(m_t - new_mt)
-            uz = sz - new_mz  # max-shifted, <= 0
-            ut = st - new_mt
-            ez = tl.exp(uz)
-            et = tl.exp(ut)
-            # The KL sums hold max-shifted log-ratios (kd_math.h): a_t = Σ e_t·(u_t − u_z). A new
-            # maximum rescales them and shifts every old term by the change of (u_t − u_z); the
-            # finite initial maxima keep the shift finite, and lanes without mass have d = 0.
-            shift = (new_mt - m_t) - (new_mz - m_z)
-            # 0·log 0 = 0: entries without mass are skipped (−inf − −inf would be NaN)
+        for c in range(0, r_chunks):
+            q = c * BLOCK + cols
+            col = tl.where(q < h, q, q + nb * BLOCK)
+            mask = q < n_rem
+            zr = _softcap(tl.load(z_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+            tr = _softcap(tl.load(t_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+            m_z, m_t, m_1n, d_z, d_t, a_zn, a_tn, d_1n, sum_zn = _stats_chunk(
+                zr, tr, mask, inv_t, m_z, m_t, m_1, d_z, d_t, a_z, a_t, d_1, sum_z,
+                DIV, USE_HARD, TAU_ONE, NEED_SUM, True)
             if DIV == 1:
-                a_z = fz * (a_z + d_z * shift) + tl.where(ez > 0.0, ez * (uz - ut), 0.0)
+                a_z = a_zn
             if DIV == 0:
-                a_t = ft * (a_t - d_t * shift) + tl.where(et > 0.0, et * (ut - uz), 0.0)
-            d_z = d_z * fz + ez
-            d_t = d_t * ft + et
-            if USE_HARD:
-                if not TAU_ONE:
-                    new_m1 = tl.maximum(m_1, tl.max(zr, axis=0))
-                    d_1 = d_1 * tl.exp(m_1 - new_m1) + tl.exp(zr - new_m1)
-                    m_1 = new_m1
-                if NEED_SUM:
-                    sum_z += tl.where(mask, zr, 0.0)
-            m_z = new_mz
-            m_t = new_mt
+                a_t = a_tn
+            if USE_HARD and not TAU_ONE:
+                m_1 = m_1n
+                d_1 = d_1n
+            if NEED_SUM:
+                sum_z = sum_zn
 
+        for c in range(0, nb):
+            zr = _softcap(tl.load(z_body + c * BLOCK + cols, mask=c * BLOCK + cols < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+            tr = _softcap(tl.load(t_body + c * BLOCK + cols, mask=c * BLOCK + cols < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+            m_z, m_t, m_1n, d_z, d_t, a_zn, a_tn, d_1n, sum_zn = _stats_chunk(
+                zr, tr, cols, inv_t, m_z, m_t, m_1, d_z, d_t, a_z, a_t, d_1, sum_z,
+                DIV, USE_HARD, TAU_ONE, NEED_SUM, False)
+            # only the sums this configuration updates are carried by the loop (a pass-through
+            # would still cost its registers)
+            if DIV == 1:
+                a_z = a_zn
+            if DIV == 0:
+                a_t = a_tn
+            if USE_HARD and not TAU_ONE:
+                m_1 = m_1n
+                d_1 = d_1n
+            if NEED_SUM:
+                sum_z = sum_zn
         dz = tl.sum(d_z, axis=0)
         dt = tl.sum(d_t, axis=0)
         # log q = (s_z − m_z) − log d_z in that order: s_z − lse_z would lose ulp(|s_z|) absolute
@@ -151,32 +309,31 @@ def _kd_rows_kernel(
         if DIV == 2:
             acc_q = tl.zeros([BLOCK], dtype=tl.float32)
             acc_p = tl.zeros([BLOCK], dtype=tl.float32)
-            for c in range(0, n_chunks):
-                offs = c * BLOCK + cols
-                mask = offs < V
-                zr = _softcap(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-                tr = _softcap(tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-                lq = tl.where(mask, (zr * inv_t - m_z) - log_dz, float("-inf"))
-                lp = tl.where(mask, (tr * inv_t - m_t) - log_dt, float("-inf"))
-                q = tl.exp(lq)
-                p = tl.exp(lp)
-                # log(βp + (1−β)q), bounded below by either term's own log (an underflowed m would
-                # otherwise turn q·(log q − log m) into q·inf)
-                lm = tl.maximum(tl.log(beta * p + (1.0 - beta) * q),
-                                tl.maximum(lq + log_beta1, lp + log_beta))
-                acc_q += tl.where(q > 0.0, q * (lq - lm), 0.0)
-                acc_p += tl.where(p > 0.0, p * (lp - lm), 0.0)
+            for c in range(0, nb):
+                zr = _softcap(tl.load(z_body + c * BLOCK + cols, mask=c * BLOCK + cols < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+                tr = _softcap(tl.load(t_body + c * BLOCK + cols, mask=c * BLOCK + cols < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+                acc_q, acc_p = _jsd_chunk(zr, tr, cols, inv_t, m_z, m_t, log_dz, log_dt, beta, log_beta,
+                                          log_beta1, acc_q, acc_p, False)
+            for c in range(0, r_chunks):
+                q = c * BLOCK + cols
+                col = tl.where(q < h, q, q + nb * BLOCK)
+                mask = q < n_rem
+                zr = _softcap(tl.load(z_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap,
+                              HAS_CAP)
+                tr = _softcap(tl.load(t_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap,
+                              HAS_CAP)
+                acc_q, acc_p = _jsd_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, beta, log_beta,
+                                          log_beta1, acc_q, acc_p, True)
             s_q = tl.sum(acc_q, axis=0)
             s_p = tl.sum(acc_p, axis=0)
             dsoft = tl.maximum(beta * s_p + (1.0 - beta) * s_q, 0.0)
 
         # ---- the row's loss ----
         row_loss = soft_scale * dsoft
+        m_h = m_z
+        log_dh = log_dz
         if USE_HARD:
-            if TAU_ONE:
-                m_h = m_z
-                log_dh = log_dz
-            else:
+            if not TAU_ONE:
                 m_h = m_1
                 log_dh = tl.log(tl.sum(d_1, axis=0))
             ce = (1.0 - eps) * ((m_h - z_y) + log_dh)
@@ -186,49 +343,43 @@ def _kd_rows_kernel(
         row_loss = tl.where(has_nan | (~valid_y), float("nan"), row_loss)
         tl.store(loss_ptr + row, row_loss * inv_div)
 
-        # ---- last pass: the gradient, walking the row backwards ----
-        g_scale = tl.where(valid_y, inv_div, float("nan"))
-        for i in range(0, n_chunks):
-            offs = (n_chunks - 1 - i) * BLOCK + cols
-            mask = offs < V
-            zr = _softcap(tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-            tr = _softcap(tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-            lq = (zr * inv_t - m_z) - log_dz
-            lp = (tr * inv_t - m_t) - log_dt
-            q = tl.exp(lq)
-            p = tl.exp(lp)
-            if DIV == 0:
-                g = soft * (q - p)
-                h = tl.where(p > 0.0, soft * p * ((lp - lq) - dsoft), 0.0)
-            elif DIV == 1:
-                g = tl.where(q > 0.0, soft * q * ((lq - lp) - dsoft), 0.0)
-                h = soft * (p - q)
-            else:
-                lm = tl.maximum(tl.log(beta * p + (1.0 - beta) * q),
-                                tl.maximum(lq + log_beta1, lp + log_beta))
-                g = tl.where(q > 0.0, soft * (1.0 - beta) * q * ((lq - lm) - s_q), 0.0)
-                h = tl.where(p > 0.0, soft * beta * p * ((lp - lm) - s_p), 0.0)
-            if USE_HARD:
-                if TAU_ONE:
-                    q1 = q
-                else:
-                    q1 = tl.exp((zr - m_h) - log_dh)
-                g += hard * (q1 - eps_over_v)
-                g -= tl.where(offs == y_local, hard * (1.0 - eps), 0.0)
-            if HAS_CAP:  # d(c·tanh(x/c))/dx = 1 − tanh², with tanh = capped/c
-                g = g * (1.0 - zr * zr * inv_cap * inv_cap)
-                h = h * (1.0 - tr * tr * inv_cap * inv_cap)
-            tl.store(gz_row + offs, (g * g_scale).to(gz_ptr.dtype.element_ty), mask=mask)
-            if TEACHER_GRAD:
-                tl.store(gt_row + offs, (h * g_scale).to(gt_ptr.dtype.element_ty), mask=mask)
+        # ---- last pass: the gradient (none when no gradient is wanted), walking the row backwards:
+        # the remainder (which holds the row's end) first, then the body chunks from the last one ----
+        if WRITE_GRAD:
+            g_scale = tl.where(valid_y, inv_div, float("nan"))
+            for c in range(0, r_chunks):
+                q = c * BLOCK + cols
+                col = tl.where(q < h, q, q + nb * BLOCK)
+                mask = q < n_rem
+                zr = _softcap(tl.load(z_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap,
+                              HAS_CAP)
+                tr = _softcap(tl.load(t_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap,
+                              HAS_CAP)
+                g, hh = _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_dh, soft,
+                                    dsoft, s_q, s_p, beta, log_beta, log_beta1, hard, eps, eps_over_v, inv_cap,
+                                    g_scale, DIV, USE_HARD, TAU_ONE, HAS_CAP)
+                tl.store(gz_row + col, g.to(gz_ptr.dtype.element_ty), mask=mask)
+                if TEACHER_GRAD:
+                    tl.store(gt_row + col, hh.to(gt_ptr.dtype.element_ty), mask=mask)
+            for i in range(0, nb):
+                off = (nb - 1 - i) * BLOCK + cols
+                zr = _softcap(tl.load(z_body + off, mask=off < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+                tr = _softcap(tl.load(t_body + off, mask=off < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
+                g, hh = _grad_chunk(zr, tr, off, y_body, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_dh, soft,
+                                    dsoft, s_q, s_p, beta, log_beta, log_beta1, hard, eps, eps_over_v, inv_cap,
+                                    g_scale, DIV, USE_HARD, TAU_ONE, HAS_CAP)
+                tl.store(gz_body + off, g.to(gz_ptr.dtype.element_ty), mask=off < body)
+                if TEACHER_GRAD:
+                    tl.store(gt_body + off, hh.to(gt_ptr.dtype.element_ty), mask=off < body)
     else:  # an ignored row contributes nothing, not even NaN
         tl.store(loss_ptr + row, 0.0)
-        for c in range(0, n_chunks):
-            offs = c * BLOCK + cols
-            mask = offs < V
-            tl.store(gz_row + offs, tl.zeros([BLOCK], dtype=gz_ptr.dtype.element_ty), mask=mask)
-            if TEACHER_GRAD:
-                tl.store(gt_row + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=mask)
+        if WRITE_GRAD:
+            for j in range(0, tl.cdiv(V, BLOCK)):
+                offs = j * BLOCK + cols
+                mask = offs < V
+                tl.store(gz_row + offs, tl.zeros([BLOCK], dtype=gz_ptr.dtype.element_ty), mask=mask)
+                if TEACHER_GRAD:
+                    tl.store(gt_row + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -272,17 +423,19 @@ def triton_kd(student, teacher, target, divisor, loss, grad_s, grad_t, p) -> Non
     beta = p.beta
     log_beta = math.log(beta) if beta > 0.0 else float("-inf")
     log_beta1 = math.log1p(-beta) if beta < 1.0 else float("-inf")
-    teacher_grad = grad_t is not None
-    gt = grad_t if teacher_grad else grad_s  # never written when TEACHER_GRAD is False
+    write_grad = grad_s is not None
+    teacher_grad = write_grad and grad_t is not None
+    gz = grad_s if write_grad else loss     # never written when WRITE_GRAD is False (loss only)
+    gt = grad_t if teacher_grad else gz      # never written when TEACHER_GRAD is False
     with _device_ctx(student):
         _kd_rows_kernel[(n,)](
-            student, teacher, y, divisor, loss, grad_s, gt,
-            v, student.stride(0), teacher.stride(0), grad_s.stride(0), gt.stride(0), stride_y,
+            student, teacher, y, divisor, loss, gz, gt,
+            v, student.stride(0), teacher.stride(0), gz.stride(0), gt.stride(0), stride_y,
             1.0 / p.temperature, p.soft_scale, p.soft_scale / p.temperature, p.hard_weight,
             p.label_smoothing, p.label_smoothing / v, beta, log_beta, log_beta1,
             p.softcap, (1.0 / p.softcap) if p.softcap > 0.0 else 0.0, ignore,
             DIV=p.divergence, USE_HARD=use_hard, TAU_ONE=p.temperature == 1.0,
             NEED_SUM=use_hard and p.label_smoothing > 0.0, HAS_CAP=p.softcap > 0.0,
-            TEACHER_GRAD=teacher_grad,
+            TEACHER_GRAD=teacher_grad, WRITE_GRAD=write_grad, VEC=16 // student.element_size(),
         )
 
