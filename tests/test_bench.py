@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from fastkd import _ext
 from fastkd.bench import BENCHMARKS, common
 from fastkd.bench import cache as bench_cache
 from fastkd.bench import kd as bench_kd
@@ -44,6 +45,25 @@ def test_bench_help_lists_every_benchmark(capsys):
         bench_main(["linear", "--help"])  # the fastkd-bench alias
     assert exc.value.code == 0
     assert "--plot" in capsys.readouterr().out
+
+
+def test_bench_kd_in_process_alternates_providers_and_reports_floors(tmp_path, capsys):
+    out = tmp_path / "kd.jsonl"
+    rc = main(["bench", "kd", "--in-process", "--n", "16", "--v", "300", "--providers", "torch_eager", "fastkd_cpu",
+               "--modes", "fwd+bwd", "--reps", "2", "--copy-mib", "4", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "fastkd's exp" in printed and "bw floor" in printed
+    recs = _records(out)
+    assert [r["provider"] for r in recs] == ["torch_eager", "fastkd_cpu"]
+    for r in recs:
+        assert r["process"] == "in_process" and r["reps"] == 9  # at least 9 rounds
+        assert _finite_positive(r["ms_min"]) and r["ms_min"] <= r["ms"]
+        assert r["bw_floor_ms"] == pytest.approx(3 * 16 * 300 * 4 / (r["copy_gbps"] * 1e9) * 1e3, rel=1e-2)
+        assert r["exp_floor_ms"] == pytest.approx(2 * 16 * 300 * r["exp_ns"] * 1e-6, rel=1e-2)
+    assert recs[1]["speedup_vs_eager"] == pytest.approx(recs[0]["ms_min"] / recs[1]["ms_min"])
+    ns = _ext.C.kd_exp_ns_cpu(num_threads=1)
+    assert 0.01 < ns < 100  # nanoseconds per exponential of the kernels' own exp
 
 
 @pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")

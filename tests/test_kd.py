@@ -623,6 +623,58 @@ def test_cpu_one_side_masked_in_whole_chunks(divergence):
     assert_close(loss, want, what="loss (student masked)")
 
 
+@pytest.mark.parametrize("divergence", DIVS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0], ids=["tau1", "tau2_pow", "tau3"])
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["frozen_teacher", "teacher_grad"])
+def test_cpu_later_passes_from_the_kept_exponentials(divergence, temperature, teacher_grad):
+    """Pass 1 keeps exp(s − M) per 512-column chunk, M the running maximum then, and the later passes
+    rescale it per chunk. Rows built so that M moves a lot: one side −inf over the first chunks,
+    a small-valued start, a maximum 60 above it in a late chunk, a masked tail; and a row whose
+    maximum sits in the first chunk. Loss and both gradients against the float64 oracle."""
+    z, t, y = logits(6, 3000, seed=31, ignore_every=4)
+    # one side without mass over two whole chunks: the side whose zero mass there keeps the
+    # divergence finite (forward KL: the teacher; reverse KL: the student)
+    (z if divergence == "reverse_kl" else t)[0, :1100] = -math.inf
+    y[0] = 2000
+    z[1, :600] = -math.inf           # both sides without mass over the first chunk
+    t[1, :600] = -math.inf
+    y[1] = 2000
+    z[2, :] *= 0.01
+    z[2, 2600] = 60.0                # the student's maximum jumps in the sixth chunk
+    t[3, 2999] = 40.0                # the teacher's in the last element
+    z[4, 3] = 30.0                   # in the first chunk: every later factor is exp(0 − log d)
+    z[5, 2800:] = -math.inf          # a masked tail on both sides
+    t[5, 2800:] = -math.inf
+    y[5] = min(int(y[5]), 2799)
+    kw = dict(temperature=temperature, hard_weight=0.5, divergence=divergence)  # no smoothing: −inf columns
+    got = run("cpu", z, t, y, teacher_grad=teacher_grad, **kw)
+    want = oracle(z, t, y, teacher_grad=teacher_grad, **kw)
+    assert all(torch.isfinite(x).all() for x in got if x is not None)
+    assert torch.all(got[1][5, 2800:] == 0)
+    check("cpu", got, want, teacher=teacher_grad)
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """Threads take rows in blocks on demand; every row is computed by one thread in a fixed order,
+    so any thread count gives the same bits. Also checks that a thread's kept exponentials from a
+    wider call never leak into a narrower one."""
+    z, t, y = logits(97, 2100, seed=32, ignore_every=6)
+    kw = dict(temperature=2.0, hard_weight=0.5, divergence="jsd")
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(run("cpu", z, t, y, **kw))
+            run("cpu", z[:, :700], t[:, :700], y.clamp(max=699), **kw)  # a narrower row in between
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+    check("cpu", outs[0], oracle(z, t, y, **kw))
+
+
 def test_cpu_student_minus_inf_where_teacher_has_mass_is_inf():
     z, t, _ = logits(3, 20, seed=12)
     z[1, 4] = -math.inf

@@ -103,6 +103,14 @@ void bind_kd(py::module_& m) {
       "phase of the vocab-parallel loss over a slice at col_offset: 1 stats, 2 JSD sums, 3 finish.",
       py::arg("num_threads"));
   m.attr("KD_STATS_WIDTH") = kStatsWidth;
+  m.def(
+      "kd_exp_ns_cpu",
+      [](int num_threads) {
+        py::gil_scoped_release nogil;
+        return kd_exp_ns_cpu(num_threads);
+      },
+      "nanoseconds per exponential (all threads together) of the exp the CPU kernels use: the exp-bound floor",
+      py::kw_only(), py::arg("num_threads"));
 
 #ifdef FASTKD_WITH_CUDA
   // The CUDA entries only enqueue work on `stream`; the divisor is read on the device.

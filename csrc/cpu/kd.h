@@ -10,4 +10,8 @@ namespace fastkd {
 // code does nothing.
 void kd_run_cpu(const KDProblem& p);
 
+// Nanoseconds per exponential, all threads together, of the exp the kernels use (the AVX2 build where
+// the CPU has it), over an L1-resident buffer: the exp-bound floor of the benchmarks.
+double kd_exp_ns_cpu(int num_threads);
+
 }  // namespace fastkd

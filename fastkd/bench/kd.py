@@ -1,12 +1,22 @@
 """Benchmark of the fused kd loss (``fastkd.kd_loss``) against the hand-written PyTorch idiom.
 
-Providers × modes × sizes. Each measurement runs in a fresh subprocess so that peak memory is the
-process's own high-water mark (CPU: ru_maxrss; GPU: torch.cuda.max_memory_allocated), not polluted
-by earlier runs. Reports median ms, extra peak memory over the inputs, and achieved GB/s over the
-minimal traffic — read z and t once, write ∂z once (forward-only: the two reads) — with its fraction
-of the device's copy bandwidth measured in the same run.
+Providers × modes × sizes, measured in one of two ways:
+
+* fresh process (the default): each measurement runs in its own subprocess, so that peak memory is
+  the process's own high-water mark (CPU: ru_maxrss; GPU: torch.cuda.max_memory_allocated), not
+  polluted by earlier runs. Each run of an unfused provider then also pays the first touch of its
+  temporaries (page faults on gigabytes of fresh memory). Reports median ms, extra peak memory over
+  the inputs, and achieved GB/s over the minimal traffic — read z and t once, write ∂z once
+  (forward-only: the two reads) — with its fraction of the device's copy bandwidth.
+* ``--in-process``: the way a training loop calls the loss. The inputs are made once, every
+  provider is warmed up, then the providers run in turn (the order rotating each round) for
+  ``--reps`` rounds (at least 9) in one process; reports the minimum and the median, and two
+  floors beside them: the bandwidth floor (the minimal traffic at the measured copy bandwidth) and
+  the exp floor (two exponentials per logit, one per softmax, at the measured throughput of the
+  fused kernel's own exp on CPU, of ``torch.exp`` on a GPU). No peak memory (one process cannot reset it).
 
     fastkd bench kd                                        # CPU: float32, N=2048, V=32000
+    fastkd bench kd --in-process --reps 15                 # the same, as a training loop sees it
     fastkd bench kd --device cuda --dtype bfloat16 --n 4096 16384 --v 32000 128256 256000
     fastkd bench kd --n 512 --v 8192 32000 128256 --out kd.jsonl --plot kd.png
 """
@@ -43,7 +53,9 @@ def add_arguments(ap: argparse.ArgumentParser, default_out=None) -> None:
     ap.add_argument("--soft-weight", type=float, default=0.5)
     ap.add_argument("--hard-weight", type=float, default=0.5)
     ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=10, help="runs per measurement (--in-process: rounds, >= 9)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="providers alternated in one process on inputs made once (see above)")
     ap.add_argument("--budget-s", type=float, default=20.0, help="stop repeating after this long (>= 3 reps)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds one measuring process may take")
@@ -121,20 +133,10 @@ def measure(cfg: dict) -> dict:
     fn = _make_fn(cfg["provider"], cfg["kw"])
     if fn is None:
         return {"skipped": "provider not importable or not applicable"}
-    g = torch.Generator(device="cpu").manual_seed(0)
-    s0 = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype)
-    t = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype)
-    y = torch.randint(0, v, (n,), generator=g).to(device)
+    s0, t, y = _inputs(device, dtype, n, v)
     backward = cfg["mode"] == "fwd+bwd"
     s = s0.clone().requires_grad_(backward)
-
-    def step():
-        if backward:
-            s.grad = None
-            fn(s, t, y).backward()
-        else:
-            with torch.no_grad():
-                fn(s, t, y)
+    step = _stepper(fn, s, t, y, backward)
 
     # Baseline with the inputs allocated. On CPU the high-water mark cannot be reset, so it is taken
     # before the warm-up: torch_compile's figure then includes what compilation itself used.
@@ -172,6 +174,129 @@ def measure(cfg: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _inputs(device, dtype, n, v):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    s0 = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype)
+    t = (torch.randn(n, v, generator=g) * 2).to(device=device, dtype=dtype)
+    y = torch.randint(0, v, (n,), generator=g).to(device)
+    return s0, t, y
+
+
+def _stepper(fn, s, t, y, backward):
+    import torch
+
+    def step():
+        if backward:
+            s.grad = None
+            fn(s, t, y).backward()
+        else:
+            with torch.no_grad():
+                fn(s, t, y)
+    return step
+
+
+def exp_ns(device: str, numel: int = 1 << 16, reps: int = 200) -> tuple:
+    """(nanoseconds per exponential, all threads together; whose exp). On CPU the exp the fused
+    kernels use (``fastkd._C.kd_exp_ns_cpu``, over an L1-resident buffer); elsewhere ``torch.exp``
+    over an L2-resident float32 buffer (256 KB), so that memory does not bind."""
+    import torch
+
+    from .. import _ext
+
+    if device == "cpu" and _ext.C is not None:
+        return _ext.C.kd_exp_ns_cpu(num_threads=torch.get_num_threads()), "fastkd's exp"
+
+    x = -torch.rand(numel, device=device) * 20
+    y = torch.empty_like(x)
+    for _ in range(10):
+        torch.exp(x, out=y)
+    ts = []
+    for _ in range(5):
+        common.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.exp(x, out=y)
+        common.sync(device)
+        ts.append(time.perf_counter() - t0)
+    return min(ts) / (reps * numel) * 1e9, "torch.exp"
+
+
+def run_in_process(args, providers, kw, meta, bw) -> list:
+    """The ``--in-process`` measurements (module doc): one process, providers alternated."""
+    import torch
+
+    device = args.device
+    reps = max(args.reps, 9)
+    ns_exp, whose = exp_ns(device)
+    meta = dict(meta, process="in_process", exp_ns=round(ns_exp, 4))
+    print(f"# in one process, providers alternated over {reps} rounds; {whose}: {ns_exp:.3f} ns/element "
+          f"({torch.get_num_threads()} threads together); exp floor: 2 exps per logit")
+    header = (f"{'provider':<14} {'dtype':<9} {'N':>6} {'V':>7} {'mode':<8} {'min ms':>8} {'median':>8} "
+              f"{'bw floor':>8} {'exp floor':>9} {'vs eager':>8} {'vs compile':>10}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    cases = [(dt, n, v, mode) for dt in args.dtype for n in args.n for v in args.v for mode in args.modes]
+    bar = common.Progress(len(cases) * len(providers) * (reps + 1), "bench kd (in process)")
+    for dt, n, v, mode in cases:
+        dtype = getattr(torch, dt)
+        backward = mode == "fwd+bwd"
+        s0, t, y = _inputs(device, dtype, n, v)
+        steps, skipped = {}, {}
+        for p in providers:
+            fn = _make_fn(p, kw)
+            s = s0.clone().requires_grad_(backward)
+            if fn is None:
+                skipped[p] = "provider not importable or not applicable"
+                continue
+            step = _stepper(fn, s, t, y, backward)
+            try:
+                step()  # warm-up (compilation, autotuning, first touch of the gradient)
+                step()
+                common.sync(device)
+            except Exception as exc:
+                skipped[p] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            steps[p] = step
+            bar.update()
+        times = {p: [] for p in steps}
+        order = list(steps)
+        for r in range(reps):
+            for p in order[r % len(order):] + order[:r % len(order)]:
+                common.sync(device)
+                t0 = time.perf_counter()
+                steps[p]()
+                common.sync(device)
+                times[p].append((time.perf_counter() - t0) * 1e3)
+                bar.update()
+        del steps
+        esize = torch.empty((), dtype=dtype).element_size()
+        traffic = n * v * esize * (3 if backward else 2)
+        floors = dict(bw_floor_ms=traffic / (bw * 1e9) * 1e3, exp_floor_ms=2 * n * v * ns_exp * 1e-6)
+        best = {p: min(ts) for p, ts in times.items()}
+        for p in providers:
+            rec = {**meta, "provider": p, "dtype": dt, "n": n, "v": v, "mode": mode}
+            if p in skipped:
+                rows.append(dict(rec, skipped=skipped[p]))
+                bar.write(f"{p:<14} {dt:<9} {n:>6} {v:>7} {mode:<8} skipped: {skipped[p]}")
+                continue
+            ms = statistics.median(times[p])
+            rec.update(ms=ms, ms_min=best[p], reps=reps, gbps=traffic / (ms * 1e-3) / 1e9,
+                       min_traffic_bytes=traffic, threads=torch.get_num_threads(), **floors)
+            ratios = {}
+            for ref, name in (("torch_eager", "speedup_vs_eager"), ("torch_compile", "speedup_vs_compile")):
+                if ref in best:
+                    rec[name] = ratios[ref] = best[ref] / best[p]  # best runs compared
+            cells = [f"{ratios[ref]:.2f}x" if ref in ratios else "-" for ref in ("torch_eager", "torch_compile")]
+            bar.write(f"{p:<14} {dt:<9} {n:>6} {v:>7} {mode:<8} {best[p]:>8.1f} {ms:>8.1f} "
+                      f"{floors['bw_floor_ms']:>8.1f} {floors['exp_floor_ms']:>9.1f} {cells[0]:>8} {cells[1]:>10}")
+            rows.append(rec)
+    bar.close()
+    return rows
+
+
 def plot_points(records):
     return [common.Point(r["provider"], r["n"], r["v"], r["ms"], r["gbps"], f"{r['mode']}, {r['dtype']}")
             for r in records if "ms" in r]
@@ -195,6 +320,11 @@ def run(args) -> int:
             "versions": common.versions("triton", "liger_kernel"), "bench": "kd", **kw}
     print(f"# {device_name}; copy bandwidth {bw:.1f} GB/s; {meta['versions']}")
     print(f"# {args.divergence}, T={args.temperature}, soft={args.soft_weight}, hard={args.hard_weight}")
+    if args.in_process:
+        rows = run_in_process(args, providers, kw, meta, bw)
+        common.finish(args, rows, plot_points, f"fastkd bench kd (in process): {args.divergence}, {device_name}",
+                      copy_gbps=bw)
+        return 0
     header = f"{'provider':<14} {'dtype':<9} {'N':>6} {'V':>7} {'mode':<8} {'ms':>9} {'peak MB':>9} " \
              f"{'GB/s':>7} {'%copy':>6} {'speedup':>8}"
     print(header)
