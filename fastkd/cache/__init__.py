@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 
 from .._settings import MODES, SAMPLINGS, TAILS
-from .store import FORMAT_VERSION, MANIFEST_NAME, TeacherCache, TeacherCacheError
+from .store import FORMAT_VERSION, MANIFEST_NAME, TeacherCache, TeacherCacheError, TeacherCacheWarning
 from .teacher import SparseTeacher, capture
 
-__all__ = ["SparseTeacher", "capture", "TeacherCache", "TeacherCacheError", "sparse_kd_loss", "MODES",
-           "SAMPLINGS", "TAILS", "FORMAT_VERSION", "MANIFEST_NAME"]
+__all__ = ["SparseTeacher", "capture", "TeacherCache", "TeacherCacheError", "TeacherCacheWarning",
+           "sparse_kd_loss", "MODES", "SAMPLINGS", "TAILS", "FORMAT_VERSION", "MANIFEST_NAME"]
 
 
 def __getattr__(name):

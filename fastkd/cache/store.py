@@ -10,39 +10,56 @@ import hashlib
 import inspect
 import json
 import math
+import mmap
 import os
 import socket
 import struct
 import time
+import warnings
 import zlib
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 
-from .._settings import check, check_int, check_k
+from .._settings import MODES, SAMPLINGS, check, check_int, check_k
 from .teacher import SparseTeacher, capture
 
 
 # ============================================================================================
 # TeacherCache: the persistent store
 # ============================================================================================
-FORMAT_VERSION = 1
+# Format 2: checksummed commit-log entries, shard headers carrying their provenance, a manifest
+# carrying its own checksum and the cache's id. Format 1 caches are refused with an error.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
+_MANIFEST_FORMAT = "fastkd-teacher-cache"
 _SHARD_MAGIC = b"FKDSHARD"
-_SHARD_HEADER = struct.Struct("<8sII32s")  # magic, format version, header size, manifest digest
+# magic, format version, header size, provenance bytes; then the provenance (JSON) and a crc32 of all of it
+_SHARD_HEADER = struct.Struct("<8sIII")
+_MAX_PROVENANCE = 1 << 16
+_COMMIT_MAGIC = b"FKDL"
+_COMMIT_ENTRY = struct.Struct("<Q4sI")      # committed length, magic, crc32 of the first 12 bytes
 _CHUNK_MAGIC = b"FKDC"
 _CHUNK_HEADER = struct.Struct("<4sIQII")   # magic, n_samples, body bytes, table crc32, header crc32
 _TABLE_DTYPE = np.dtype([("sid", "<i8"), ("ntok", "<u4"), ("nent", "<u4"), ("off", "<u8"),
                          ("nbytes", "<u4"), ("crc", "<u4")])
 _VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-# Fields that must agree between a cache and whoever opens or writes it.
-_IDENTITY = ("format_version", "mode", "k", "num_samples", "temperature", "vocab_size", "teacher", "dataset",
-             "values_dtype", "lse_dtype", "id_bits", "count_bits")
+# What a shard's header records and must share with the manifest: what its rows mean, and which
+# cache they belong to (cache_id is drawn when the manifest is created).
+_PROVENANCE = ("format_version", "cache_id", "mode", "k", "num_samples", "sampling", "temperature", "vocab_size",
+               "teacher", "dataset", "values_dtype", "lse_dtype", "id_bits", "count_bits")
+_MANIFEST_ADVICE = ("Move it out of the directory and reopen the cache: a cache with shards rebuilds its manifest "
+                    "from their headers.")
 
 
 class TeacherCacheError(RuntimeError):
-    """A cache file is corrupt, truncated, or locked by another writer (the message names the file)."""
+    """A cache file is corrupt, truncated, foreign, or locked by another writer (the message names the file)."""
+
+
+class TeacherCacheWarning(RuntimeWarning):
+    """A cache file was damaged or missing and was recovered from redundant data (the message names it),
+    or a shard was skipped (``skip_bad_shards=True``)."""
 
 
 def _bits_for(n_values: int) -> int:
@@ -92,25 +109,163 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _setting_problems(d: dict) -> List[str]:
+    """What is wrong with the settings of a manifest or a shard header (missing keys, types, values)."""
+    missing = [key for key in _PROVENANCE if key not in d]
+    if missing:
+        return [f"missing key{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"]
+    bad = []
+
+    def want(key, ok, what):
+        if not ok:
+            bad.append(f"{key} must be {what}, found {d[key]!r}")
+    mode = d["mode"]
+    want("mode", mode in MODES, f"one of {MODES}")
+    want("cache_id", isinstance(d["cache_id"], str) and len(d["cache_id"]) > 0, "a non-empty string")
+    t = d["temperature"]
+    want("temperature", (_is_int(t) or isinstance(t, float)) and math.isfinite(t) and t > 0, "a positive number")
+    v = d["vocab_size"]
+    want("vocab_size", _is_int(v) and v >= 1, "an int >= 1")
+    if _is_int(v) and v >= 1:
+        want("id_bits", d["id_bits"] == _bits_for(v), f"{_bits_for(v)} for vocab_size {v}")
+    for key in ("teacher", "dataset"):
+        want(key, d[key] is None or isinstance(d[key], str), "a string or null")
+    want("lse_dtype", d["lse_dtype"] == "float32", "'float32'")
+    topk = mode == "topk"
+    if topk:
+        want("k", _is_int(d["k"]) and d["k"] >= 1, "an int >= 1 in mode 'topk'")
+        want("values_dtype", d["values_dtype"] in _VALUE_DTYPES, f"one of {list(_VALUE_DTYPES)} in mode 'topk'")
+    else:
+        want("k", d["k"] is None, "null in mode 'sample'")
+        want("values_dtype", d["values_dtype"] is None, "null in mode 'sample'")
+    if mode == "sample":
+        n = d["num_samples"]
+        want("num_samples", _is_int(n) and n >= 1, "an int >= 1 in mode 'sample'")
+        want("sampling", d["sampling"] in SAMPLINGS, f"one of {SAMPLINGS} in mode 'sample'")
+        if _is_int(n) and n >= 1:
+            want("count_bits", d["count_bits"] == _bits_for(n), f"{_bits_for(n)} for num_samples {n}")
+    else:
+        for key in ("num_samples", "sampling", "count_bits"):
+            want(key, d[key] is None, "null in mode 'topk'")
+    return bad
+
+
+def _manifest_checksum(man: dict) -> str:
+    body = {key: value for key, value in man.items() if key != "checksum"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _format_version_error(path: str, what: str, version) -> TeacherCacheError:
+    if _is_int(version) and version < FORMAT_VERSION:
+        return TeacherCacheError(
+            f"{path}: {what} of format version {version}; this fastkd reads format version {FORMAT_VERSION} "
+            f"(checksummed commit logs, shard headers that record their provenance) and does not convert older "
+            f"caches. Capture into a new directory, or read this one with the fastkd release that wrote it.")
+    return TeacherCacheError(f"{path}: {what} of format version {version!r}; this fastkd reads format version "
+                             f"{FORMAT_VERSION}")
+
+
+def _check_manifest_file(man, path: str) -> None:
+    """Every kind of manifest damage, as a TeacherCacheError naming the file."""
+    if not isinstance(man, dict):
+        raise TeacherCacheError(f"{path} is damaged: a JSON {type(man).__name__} where an object was expected. "
+                                + _MANIFEST_ADVICE)
+    if man.get("format") != _MANIFEST_FORMAT:
+        raise TeacherCacheError(f"{path} is not a fastkd teacher-cache manifest (format {man.get('format')!r}, "
+                                f"expected {_MANIFEST_FORMAT!r}). " + _MANIFEST_ADVICE)
+    if man.get("format_version") != FORMAT_VERSION:
+        raise _format_version_error(path, "a fastkd teacher cache", man.get("format_version"))
+    bad = _setting_problems(man)
+    if not bad and man.get("checksum") != _manifest_checksum(man):
+        bad = ["its checksum does not match its content"]
+    if bad:
+        raise TeacherCacheError(f"{path} is damaged: {'; '.join(bad)}. " + _MANIFEST_ADVICE)
+
+
+def _read_shard_header(path: str) -> Optional[tuple]:
+    """``(provenance, header size)`` of a shard, or None while its header is incomplete (a shard
+    being created, or one torn before its header was whole). A damaged header is an error."""
+    with open(path, "rb") as f:
+        head = f.read(_SHARD_HEADER.size)
+        if len(head) < _SHARD_HEADER.size:
+            return None
+        magic, version, hsize, plen = _SHARD_HEADER.unpack(head)
+        if magic != _SHARD_MAGIC:
+            raise TeacherCacheError(f"{path}: not a fastkd cache shard (bad magic bytes)")
+        if version != FORMAT_VERSION:
+            raise _format_version_error(path, "a shard", version)
+        if plen > _MAX_PROVENANCE or hsize != _SHARD_HEADER.size + plen + 4:
+            raise TeacherCacheError(f"{path}: damaged shard header (inconsistent sizes)")
+        rest = f.read(plen + 4)
+    if len(rest) < plen + 4:
+        return None
+    if _crc(head + rest[:plen]) != struct.unpack("<I", rest[plen:])[0]:
+        raise TeacherCacheError(f"{path}: damaged shard header (checksum)")
+    try:
+        prov = json.loads(rest[:plen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TeacherCacheError(f"{path}: damaged shard header ({exc})") from None
+    bad = _setting_problems(prov) if isinstance(prov, dict) else ["not a JSON object"]
+    if bad:
+        raise TeacherCacheError(f"{path}: damaged shard header ({'; '.join(bad)})")
+    return prov, hsize
+
+
+def _provenance_diff(prov: dict, man: dict) -> List[str]:
+    return [f"{key}: shard has {prov.get(key)!r}, manifest {man.get(key)!r}" for key in _PROVENANCE
+            if prov.get(key) != man.get(key)]
+
+
+class _LogState(NamedTuple):
+    committed: int   # the committed length (largest valid entry; 0 if none)
+    exists: bool     # the commit log file exists
+    entries: int     # whole entries in the file
+    bad: int         # whole entries failing their checksum (all of them, or the trailing ones)
+    torn: int        # bytes of a partial last entry
+
+
 class _Shard:
     """One record shard: an append-only file of checksummed chunks + a log of committed lengths."""
 
     def __init__(self, path: str):
         self.path = path
         self.commit_path = path[: -len(".fkd")] + ".commit"
+        self.provenance: Optional[dict] = None  # the header's, once read and checked
         self.scanned = 0      # bytes of this shard already indexed
         self.committed = 0    # committed length as last read
+        self.bad: Optional[str] = None  # why the shard is skipped (skip_bad_shards=True)
         self.mm: Optional[np.memmap] = None
 
-    def read_committed(self) -> int:
-        """Last complete entry of the commit log (a torn last entry is ignored), 0 if none yet."""
+    def read_log(self, full: bool) -> _LogState:
+        """The commit log's state. ``full``: check every entry (a writer reopening its shard); else
+        walk back from the end to the last entry that passes its checksum (a reader)."""
         try:
             with open(self.commit_path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            return 0
-        n = len(raw) // 8
-        return struct.unpack_from("<Q", raw, 8 * (n - 1))[0] if n else 0
+            return _LogState(0, False, 0, 0, 0)
+        n, esize = len(raw) // _COMMIT_ENTRY.size, _COMMIT_ENTRY.size
+        committed = bad = 0
+        for i in (range(n) if full else range(n - 1, -1, -1)):
+            length, magic, crc = _COMMIT_ENTRY.unpack_from(raw, esize * i)
+            if magic != _COMMIT_MAGIC or _crc(raw[esize * i: esize * i + 12]) != crc:
+                bad += 1
+                continue
+            committed = max(committed, length)
+            if not full:
+                break
+        return _LogState(committed, True, n, bad, len(raw) % esize)
 
     def memmap(self) -> np.memmap:
         size = os.path.getsize(self.path)
@@ -119,12 +274,33 @@ class _Shard:
         return self.mm
 
 
+def _commit_entry(length: int) -> bytes:
+    head = struct.pack("<Q4s", length, _COMMIT_MAGIC)
+    return head + struct.pack("<I", _crc(head))
+
+
+def _next_chunk_header(path: str, start: int, size: int) -> Optional[int]:
+    """Offset of the first well-formed chunk header (magic and header checksum) in ``[start, size)``."""
+    if start >= size:
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        size = min(size, len(mm))
+        q = mm.find(_CHUNK_MAGIC, start, size)
+        while q != -1:
+            head = mm[q: q + _CHUNK_HEADER.size]
+            if len(head) == _CHUNK_HEADER.size and _crc(head[:-4]) == _CHUNK_HEADER.unpack(head)[4]:
+                return q
+            q = mm.find(_CHUNK_MAGIC, q + 1, size)
+    return None
+
+
 class TeacherCache:
     r"""Persistent store of :class:`SparseTeacher` rows, keyed by sample index.
 
-    A directory holding ``manifest.json`` (provenance: format version, mode, k or N, capture
-    temperature, vocab size, teacher name, dataset fingerprint, dtypes, id packing) and one record
-    shard per writer process (``shard-<writer>.fkd`` + ``shard-<writer>.commit``). A sample is one
+    A directory holding ``manifest.json`` (provenance: format version, cache id, mode, k or N,
+    capture temperature, vocab size, teacher name, dataset fingerprint, dtypes, id packing, and a
+    checksum of all of it) and one record shard per writer process (``shard-<writer>.fkd`` +
+    ``shard-<writer>.commit``). Each shard's header repeats the manifest's provenance. A sample is one
     ``write`` row: any number of tokens (e.g. a sequence), each token a sparse teacher row.
 
     Storage per token: the log-sum-exp (float32), then top-k: k log-probabilities in
@@ -134,11 +310,16 @@ class TeacherCache:
     offset table. ``repr`` prints the measured bytes/token.
 
     Durability: every ``write`` appends one checksummed chunk, fsyncs it, then appends the new length
-    to the shard's commit log and fsyncs that; when ``write`` returns, its rows survive a crash.
-    Reopening a shard whose tail is torn (a crash mid-write) drops the torn tail and resumes; a
-    shard shorter than its commit log, a chunk failing its checksum, or a manifest that disagrees
-    (other V, k, N, temperature, teacher, dataset, dtypes) raises an error naming the file. Each
-    process writes only its own shard (an exclusive lock enforces it); any number of processes read.
+    (a checksummed entry) to the shard's commit log and fsyncs that; when ``write`` returns, its rows
+    survive a crash. Every handle indexes every complete, valid chunk of a shard, committed or not;
+    the commit log says how much of the shard must be valid. Reopening a shard whose tail is torn (a
+    crash mid-write) drops the torn tail and resumes. A shard shorter than its commit log, a committed
+    chunk failing its checksum, a damaged chunk with valid chunks after it, a damaged or foreign
+    manifest or shard header, or one sample id stored in two shards with different data raises a
+    :class:`TeacherCacheError` naming the file(s). A damaged, truncated or missing commit log, and a
+    missing manifest, are recovered from the shards with a :class:`TeacherCacheWarning`. Each process
+    writes only its own shard (an exclusive lock, taken when a writer handle opens, enforces it); any
+    number of processes read. ``docs/cache.md`` lists what each kind of damage gives.
 
     Args:
         path: the cache directory (created if missing unless ``readonly``).
@@ -148,19 +329,26 @@ class TeacherCache:
             50, "iid", 1.0, float16 for a new one; ``vocab_size`` is then taken from the first
             write). A given value must match an existing manifest.
         writer: this process's shard name (default ``rank<RANK>`` from the environment, else
-            ``rank0``); two live processes with one name is an error.
+            ``rank0``); two live handles with one name is an error (the second to open is refused).
         readonly: never create or write anything.
         sync: fsync each write (turn off only for throwaway caches).
+        skip_bad_shards: a shard that cannot be trusted (damaged header or committed chunk, truncated,
+            written for another cache or other settings, or whose file is gone while its commit log
+            remains) is skipped with a :class:`TeacherCacheWarning` naming it, and the other shards stay
+            readable; a sample id stored twice with different data keeps the copy of the shard whose name
+            sorts first, with a warning naming both. Default: each of these is an error.
     """
 
     def __init__(self, path: Union[str, os.PathLike], *, mode: Optional[str] = None, k: Optional[int] = None,
                  num_samples: Optional[int] = None, temperature: Optional[float] = None,
                  vocab_size: Optional[int] = None, teacher: Optional[str] = None, dataset: Optional[str] = None,
                  values_dtype: Union[str, torch.dtype, None] = None, writer: Optional[str] = None,
-                 readonly: bool = False, sync: bool = True, sampling: Optional[str] = None):
+                 readonly: bool = False, sync: bool = True, sampling: Optional[str] = None,
+                 skip_bad_shards: bool = False):
         self.path = os.fspath(path)
         self.readonly = bool(readonly)
         self.sync = bool(sync)
+        self.skip_bad_shards = bool(skip_bad_shards)
         # The capture settings, by the rules every entry point shares (None: the manifest's value).
         for name, value in (("mode", mode), ("num_samples", num_samples), ("temperature", temperature),
                             ("sampling", sampling)):
@@ -169,6 +357,9 @@ class TeacherCache:
         if k is not None:
             check_k(k)
         check_int("vocab_size", vocab_size, low=1, allow_none=True)
+        for name, value in (("teacher", teacher), ("dataset", dataset)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}")
         if isinstance(values_dtype, torch.dtype):
             names = {v: n for n, v in _VALUE_DTYPES.items()}
             if values_dtype not in names:
@@ -188,16 +379,36 @@ class TeacherCache:
         self._shards: List[_Shard] = []
         self._shard_by_path: Dict[str, int] = {}
         self._index: Dict[int, tuple] = {}
+        self._own_path = os.path.join(self.path, f"shard-{writer}.fkd")
         self._own: Optional[_Shard] = None
         self._own_fd: Optional[int] = None
         self._commit_fd: Optional[int] = None
+        self._warned: set = set()
         if not self.readonly:
             os.makedirs(self.path, exist_ok=True)
         elif not os.path.isdir(self.path):
             raise FileNotFoundError(f"TeacherCache directory {self.path!r} does not exist (readonly=True)")
         self.manifest: Optional[dict] = None
-        self._load_manifest()
-        self.refresh()
+        try:
+            self._load_manifest()
+            if not self.readonly:
+                self._lock_writer()
+            self.refresh()
+            if self._own_fd is not None and self.manifest is not None and (
+                    os.fstat(self._own_fd).st_size > 0 or os.path.exists(self._commit_path_of(self._own_path))):
+                self._open_writer()  # recover this writer's shard now: torn tail, damaged commit log
+        except BaseException:
+            self.close()
+            raise
+
+    def _warn(self, key, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, TeacherCacheWarning, stacklevel=3)
+
+    @staticmethod
+    def _commit_path_of(shard_path: str) -> str:
+        return shard_path[: -len(".fkd")] + ".commit"
 
     # ---- manifest ------------------------------------------------------------------------
     @property
@@ -209,7 +420,8 @@ class TeacherCache:
         mode = r["mode"] or "topk"
         num_samples = r["num_samples"] or 50
         return {
-            "format": "fastkd-teacher-cache", "format_version": FORMAT_VERSION, "mode": mode,
+            "format": _MANIFEST_FORMAT, "format_version": FORMAT_VERSION, "cache_id": os.urandom(16).hex(),
+            "mode": mode,
             "k": (r["k"] or 64) if mode == "topk" else None,
             "num_samples": num_samples if mode == "sample" else None,
             "sampling": (r["sampling"] or "iid") if mode == "sample" else None,
@@ -224,10 +436,8 @@ class TeacherCache:
             "created_by": "fastkd",
         }
 
-    def _check_manifest(self, man: dict) -> None:
-        if man.get("format") != "fastkd-teacher-cache" or man.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.manifest_path}: not a fastkd teacher cache of format version "
-                             f"{FORMAT_VERSION} (found {man.get('format')!r} v{man.get('format_version')})")
+    def _check_manifest(self, man: dict, where: Optional[str] = None) -> None:
+        """The requested settings against a manifest (a mismatch is a ValueError)."""
         bad = []
         for key, want in self._requested.items():
             if want is None:
@@ -237,30 +447,88 @@ class TeacherCache:
                 continue
             if key in ("num_samples", "sampling") and man.get("mode") != "sample":
                 continue
-            if key == "sampling":
-                have = have or "iid"  # caches written before the option existed drew i.i.d.
             same = math.isclose(have, want, rel_tol=1e-9) if key == "temperature" and have is not None else have == want
             if not same:
                 bad.append(f"{key}: cache has {have!r}, asked for {want!r}")
         if bad:
-            raise ValueError(f"{self.manifest_path} does not match this TeacherCache: " + "; ".join(bad)
+            raise ValueError(f"{where or self.manifest_path} does not match this TeacherCache: " + "; ".join(bad)
                              + ". Use another directory, or open it with the cache's settings.")
 
-    def _load_manifest(self) -> None:
+    def _read_manifest(self) -> Optional[dict]:
         try:
-            with open(self.manifest_path, "r", encoding="utf-8") as f:
-                man = json.load(f)
+            with open(self.manifest_path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
-            if self._requested["vocab_size"] is not None and not self.readonly:
-                self._create_manifest(self._requested["vocab_size"])
-            return
+            return None
+        try:
+            man = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise TeacherCacheError(f"{self.manifest_path} is damaged: not UTF-8 text ({exc.reason} at byte "
+                                    f"{exc.start}). " + _MANIFEST_ADVICE) from None
         except json.JSONDecodeError as exc:
-            raise TeacherCacheError(f"{self.manifest_path} is not valid JSON ({exc})") from None
+            raise TeacherCacheError(f"{self.manifest_path} is damaged: not valid JSON ({exc}). "
+                                    + _MANIFEST_ADVICE) from None
+        _check_manifest_file(man, self.manifest_path)
+        return man
+
+    def _load_manifest(self) -> None:
+        man = self._read_manifest()
+        if man is None:
+            man = self._manifest_from_shards()
+            if man is None:
+                if self._requested["vocab_size"] is not None and not self.readonly:
+                    self._create_manifest(self._requested["vocab_size"])
+                return
         self._check_manifest(man)
         self.manifest = man
 
-    def _create_manifest(self, vocab_size: int) -> None:
-        man = self._settings(vocab_size)
+    def _manifest_from_shards(self) -> Optional[dict]:
+        """With the manifest missing: the manifest the shards' headers describe (None if no shard has
+        a header yet). Written to disk unless readonly; always with a warning naming the shards."""
+        heads: Dict[str, dict] = {}
+        for name in sorted(os.listdir(self.path)):
+            if not (name.startswith("shard-") and name.endswith(".fkd")):
+                continue
+            p = os.path.join(self.path, name)
+            try:
+                head = _read_shard_header(p)
+            except FileNotFoundError:
+                continue
+            except TeacherCacheError as exc:
+                if self.skip_bad_shards and p != self._own_path:
+                    continue  # refresh() skips it again, with a warning
+                raise TeacherCacheError(f"{self.manifest_path} is missing and cannot be rebuilt from the shard "
+                                        f"headers: {exc}") from None
+            if head is not None:
+                heads[p] = head[0]
+        if not heads:
+            return None
+        first, prov = next(iter(heads.items()))
+        for p, other in heads.items():
+            diff = _provenance_diff(other, prov)
+            if diff:
+                raise TeacherCacheError(
+                    f"{self.manifest_path} is missing, and the shards disagree about what it held: {p} and {first} "
+                    f"differ in {'; '.join(d.replace('manifest', 'other shard') for d in diff)}. Move the shards "
+                    f"of the other cache out of the directory and reopen.")
+        man = dict(prov, format=_MANIFEST_FORMAT,
+                   id_packing="little-endian bitstream, id_bits per id; counts and per-token unique counts "
+                              "stored minus 1 in count_bits",
+                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   created_by="fastkd (rebuilt from the shard headers)")
+        man["checksum"] = _manifest_checksum(man)
+        names = ", ".join(os.path.basename(p) for p in heads)
+        self._check_manifest(man, where=f"the shards of {self.path} ({names})")
+        if self.readonly:
+            self._warn(("manifest", "rebuilt"), f"{self.manifest_path} is missing; using the settings recorded in "
+                       f"the headers of {names} (readonly: the manifest is not rewritten)")
+            return man
+        self._install_manifest(man)
+        self._warn(("manifest", "rebuilt"), f"{self.manifest_path} was missing; rebuilt it from the headers of "
+                   f"{names}")
+        return self._read_manifest()
+
+    def _install_manifest(self, man: dict) -> None:
         tmp = os.path.join(self.path, f".manifest.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(man, f, indent=1, sort_keys=True)
@@ -273,147 +541,291 @@ class TeacherCache:
         finally:
             os.unlink(tmp)
         _fsync_dir(self.path)
-        self.manifest = None
-        self._load_manifest()
 
-    def _digest(self) -> bytes:
-        ident = {key: self.manifest.get(key) for key in _IDENTITY}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).digest()
+    def _create_manifest(self, vocab_size: int) -> None:
+        # Shards that already exist decide what the manifest holds; a fresh one never contradicts them.
+        man = self._manifest_from_shards()
+        if man is None:
+            man = self._settings(vocab_size)
+            man["checksum"] = _manifest_checksum(man)
+            self._install_manifest(man)
+            man = self._read_manifest()
+        self._check_manifest(man)
+        self.manifest = man
+
+    def _header_bytes(self) -> bytes:
+        prov = json.dumps({key: self.manifest[key] for key in _PROVENANCE}, sort_keys=True).encode()
+        head = _SHARD_HEADER.pack(_SHARD_MAGIC, FORMAT_VERSION, _SHARD_HEADER.size + len(prov) + 4, len(prov)) + prov
+        return head + struct.pack("<I", _crc(head))
+
+    def _check_provenance(self, shard: _Shard, prov: dict) -> None:
+        diff = _provenance_diff(prov, self.manifest)
+        if diff:
+            what = ("it belongs to another cache" if diff[0].startswith("cache_id") and len(diff) == 1
+                    else "it was written under other settings")
+            raise TeacherCacheError(f"{shard.path} does not belong with {self.manifest_path}: {what} "
+                                    f"({'; '.join(diff)}). Move it out of the directory, or open the cache with "
+                                    f"skip_bad_shards=True to read the other shards.")
 
     # ---- scanning -----------------------------------------------------------------------
-    def _scan(self, shard: _Shard, limit: int, verify_payload: bool) -> int:
-        """Index chunks of ``shard`` from ``shard.scanned`` up to ``limit`` bytes; return the end of
-        the last complete, valid chunk. A bad chunk below ``shard.committed`` is corruption."""
+    @staticmethod
+    def _read_chunk(f, pos: int, size: int, verify_all: bool, committed: int) -> tuple:
+        """``(None, end, table)`` for a complete, valid chunk at ``pos``, else ``(why, None, None)``.
+        Payload checksums are checked too when ``verify_all`` or the chunk ends past ``committed``
+        (a chunk the commit log does not vouch for)."""
+        f.seek(pos)
+        head = f.read(_CHUNK_HEADER.size)
+        if len(head) < _CHUNK_HEADER.size:
+            return "truncated chunk header", None, None
+        magic, n_samples, body, tcrc, hcrc = _CHUNK_HEADER.unpack(head)
+        if magic != _CHUNK_MAGIC or _crc(head[:-4]) != hcrc:
+            return "bad chunk header checksum", None, None
+        end = pos + _CHUNK_HEADER.size + body
+        if end > size:
+            return f"chunk runs past the end of the file ({size} bytes)", None, None
+        table_raw = f.read(n_samples * _TABLE_DTYPE.itemsize)
+        if len(table_raw) < n_samples * _TABLE_DTYPE.itemsize or _crc(table_raw) != tcrc:
+            return "bad sample-table checksum", None, None
+        table = np.frombuffer(table_raw, dtype=_TABLE_DTYPE)
+        lo = table["off"].astype(np.int64)
+        if n_samples == 0 or (lo < len(table_raw)).any() or (lo + table["nbytes"] > body).any():
+            return "sample table out of bounds", None, None
+        if verify_all or end > committed:
+            body_start = pos + _CHUNK_HEADER.size
+            for row in table:
+                f.seek(body_start + int(row["off"]))
+                if _crc(f.read(int(row["nbytes"]))) != int(row["crc"]):
+                    return f"bad payload checksum of sample {int(row['sid'])}", None, None
+        return None, end, table
+
+    def _scan(self, shard: _Shard, verify_all: bool) -> int:
+        """Index the complete, valid chunks of ``shard`` from ``shard.scanned`` to the end of the file;
+        return the end of the last one. A bad chunk below ``shard.committed``, or one followed by a
+        valid chunk, is corruption; a bad chunk at the end above it is a torn tail."""
         size = os.path.getsize(shard.path)
+        pos = shard.scanned
+        new_entries = []
+        retried = False
         with open(shard.path, "rb") as f:
-            if shard.scanned == 0:
-                head = f.read(_SHARD_HEADER.size)
-                if len(head) < _SHARD_HEADER.size:
-                    if shard.committed > 0:
-                        raise TeacherCacheError(f"{shard.path}: truncated shard header")
-                    return 0
-                magic, version, hsize, digest = _SHARD_HEADER.unpack(head)
-                if magic != _SHARD_MAGIC or version != FORMAT_VERSION or hsize != _SHARD_HEADER.size:
-                    raise TeacherCacheError(f"{shard.path}: not a fastkd cache shard of format {FORMAT_VERSION}")
-                if digest != self._digest():
-                    raise ValueError(f"{shard.path} was written for another manifest than {self.manifest_path} "
-                                     f"(other V, k, N, temperature, teacher or dataset)")
-                shard.scanned = _SHARD_HEADER.size
-            pos = shard.scanned
-            new_entries = []
-            while pos < limit:
-                def fail(why):
-                    if pos < shard.committed:
-                        raise TeacherCacheError(f"{shard.path}: corrupt chunk at byte {pos} ({why}); "
-                                                f"rows reported written are damaged")
-                    return None
-                f.seek(pos)
-                head = f.read(_CHUNK_HEADER.size)
-                if len(head) < _CHUNK_HEADER.size:
-                    fail("truncated header")
-                    break
-                magic, n_samples, body, tcrc, hcrc = _CHUNK_HEADER.unpack(head)
-                if magic != _CHUNK_MAGIC or _crc(head[:-4]) != hcrc:
-                    fail("bad header checksum")
-                    break
-                end = pos + _CHUNK_HEADER.size + body
-                if end > size:
-                    fail(f"body runs past the end of the file ({size} bytes)")
-                    break
-                table_raw = f.read(n_samples * _TABLE_DTYPE.itemsize)
-                if _crc(table_raw) != tcrc:
-                    fail("bad sample-table checksum")
-                    break
-                table = np.frombuffer(table_raw, dtype=_TABLE_DTYPE)
-                body_start = pos + _CHUNK_HEADER.size
-                if verify_payload:
-                    ok = True
-                    for row in table:
-                        f.seek(body_start + int(row["off"]))
-                        if _crc(f.read(int(row["nbytes"]))) != int(row["crc"]):
-                            ok = False
-                            break
-                    if not ok:
-                        fail("bad payload checksum")
-                        break
-                new_entries.append((table, body_start))
-                pos = end
-        sid_no = self._shard_by_path[shard.path]
+            while pos < size:
+                why, end, table = self._read_chunk(f, pos, size, verify_all, shard.committed)
+                if why is None:
+                    new_entries.append((table, pos + _CHUNK_HEADER.size))
+                    pos, retried = end, False
+                    continue
+                if pos < shard.committed:
+                    raise TeacherCacheError(f"{shard.path}: corrupt chunk at byte {pos} ({why}); rows reported "
+                                            f"written are damaged. Move the shard out of the directory (its rows "
+                                            f"are then captured again), or open with skip_bad_shards=True.")
+                later = _next_chunk_header(shard.path, pos + 1, size)
+                if later is None:
+                    break  # a torn tail: a write that never completed
+                if not retried:  # a live writer may have completed this chunk since it was read: look again
+                    retried = True
+                    size = os.path.getsize(shard.path)
+                    continue
+                raise TeacherCacheError(f"{shard.path}: corrupt chunk at byte {pos} ({why}) with a complete "
+                                        f"chunk after it at byte {later}: not a torn tail, the rows after the "
+                                        f"damage would be lost. Move the shard out of the directory, or open "
+                                        f"with skip_bad_shards=True.")
+        no = self._shard_by_path[shard.path]
         for table, body_start in new_entries:
             for row in table:
-                self._index[int(row["sid"])] = (sid_no, body_start + int(row["off"]), int(row["nbytes"]),
-                                                int(row["ntok"]), int(row["nent"]), int(row["crc"]))
+                self._add_row(int(row["sid"]), (no, body_start + int(row["off"]), int(row["nbytes"]),
+                                                int(row["ntok"]), int(row["nent"]), int(row["crc"])))
         shard.scanned = pos
         return pos
 
+    def _row_bytes(self, entry: tuple) -> bytes:
+        no, off, nbytes = entry[:3]
+        return bytes(np.asarray(self._shards[no].memmap()[off: off + nbytes]))
+
+    def _add_row(self, sid: int, entry: tuple) -> None:
+        old = self._index.get(sid)
+        if old is None or old[:2] == entry[:2]:
+            self._index[sid] = entry
+            return
+        if old[2:] == entry[2:] and self._row_bytes(old) == self._row_bytes(entry):
+            return  # the same row stored twice (two writers captured it at once): one copy serves
+        a, b = self._shards[old[0]].path, self._shards[entry[0]].path
+        if not self.skip_bad_shards:
+            raise TeacherCacheError(f"sample {sid} is stored with different data in {a} and {b}. Move the shard "
+                                    f"that should not be in this cache out of the directory, or open with "
+                                    f"skip_bad_shards=True to read the copy in {min(a, b)}.")
+        self._warn(("conflict", sid), f"sample {sid} is stored with different data in {a} and {b}; reading the "
+                   f"copy in {min(a, b)}")
+        if b < a:
+            self._index[sid] = entry
+
+    def _skip(self, shard: _Shard, exc: TeacherCacheError) -> None:
+        shard.bad = str(exc)
+        no = self._shard_by_path[shard.path]
+        for sid in [s for s, entry in self._index.items() if entry[0] == no]:
+            del self._index[sid]
+        self._warn(("skip", shard.path), f"skipping {shard.path}: {exc}")
+
+    def _refresh_shard(self, shard: _Shard) -> None:
+        log = shard.read_log(full=False)
+        if log.bad:
+            log = shard.read_log(full=False)  # once more: an entry may have been mid-append
+        try:
+            size = os.path.getsize(shard.path)
+        except FileNotFoundError:
+            raise TeacherCacheError(f"{shard.path} disappeared while the cache was open") from None
+        if size < log.committed:
+            raise TeacherCacheError(f"{shard.path}: truncated shard: {size} bytes on disk but {log.committed} "
+                                    f"bytes were committed. Restore the file, or move it out of the directory "
+                                    f"(its rows are then captured again), or open with skip_bad_shards=True.")
+        if shard.provenance is None:
+            head = _read_shard_header(shard.path)
+            if head is None:
+                if log.committed > 0:
+                    raise TeacherCacheError(f"{shard.path}: truncated shard header, but {log.committed} bytes "
+                                            f"were committed")
+                return  # a shard whose writer has not written its header yet
+            self._check_provenance(shard, head[0])
+            shard.provenance, shard.scanned = head[0], head[1]
+        if log.bad:
+            self._warn(("log", shard.commit_path, log.entries), f"{shard.commit_path}: the last {log.bad} "
+                       f"entr{'y fails its' if log.bad == 1 else 'ies fail their'} checksum; the committed rows "
+                       f"are recovered from the chunk checksums of {shard.path} (its writer rewrites the log when "
+                       f"it reopens the shard)")
+        elif not log.exists and size > shard.scanned and shard.scanned > 0:
+            self._warn(("log", shard.commit_path, "missing"), f"{shard.commit_path} is missing; the rows of "
+                       f"{shard.path} are recovered from its chunk checksums (its writer rewrites the log when it "
+                       f"reopens the shard)")
+        shard.committed = log.committed
+        if size > shard.scanned:
+            self._scan(shard, verify_all=False)
+
     def refresh(self) -> None:
-        """Pick up shards and committed rows written (by any process) since the last look."""
+        """Pick up shards and rows written (by any process) since the last look."""
         if self.manifest is None:
             self._load_manifest()
             if self.manifest is None:
                 return
-        names = sorted(n for n in os.listdir(self.path) if n.startswith("shard-") and n.endswith(".fkd"))
-        for name in names:
+        names = set(os.listdir(self.path))
+        for name in sorted(n for n in names if n.startswith("shard-") and n.endswith(".fkd")):
             p = os.path.join(self.path, name)
             if p not in self._shard_by_path:
                 self._shard_by_path[p] = len(self._shards)
                 self._shards.append(_Shard(p))
         for shard in self._shards:
-            if shard is self._own:
+            if shard.bad is not None or (shard.path == self._own_path and self._own_fd is not None):
+                continue  # this handle's own shard is checked and recovered by _open_writer
+            try:
+                self._refresh_shard(shard)
+            except TeacherCacheError as exc:
+                if not self.skip_bad_shards:
+                    raise
+                self._skip(shard, exc)
+        # A commit log whose shard is gone: the rows it committed are lost, never silently.
+        for name in sorted(n for n in names if n.startswith("shard-") and n.endswith(".commit")):
+            if name[: -len(".commit")] + ".fkd" in names:
                 continue
-            committed = shard.read_committed()
-            size = os.path.getsize(shard.path)
-            if size < committed:
-                raise TeacherCacheError(f"{shard.path}: truncated shard: {size} bytes on disk but "
-                                        f"{committed} bytes were committed")
-            shard.committed = committed
-            if committed > shard.scanned:
-                self._scan(shard, committed, verify_payload=False)
+            log_path = os.path.join(self.path, name)
+            committed = _Shard(log_path[: -len(".commit")] + ".fkd").read_log(full=False).committed
+            if committed == 0:
+                continue
+            exc = TeacherCacheError(f"{log_path[: -len('.commit')]}.fkd is missing, but its commit log {log_path} "
+                                    f"records {committed} committed bytes: those rows are gone. Restore the shard, "
+                                    f"or remove the commit log to accept the loss (the rows are then captured "
+                                    f"again), or open with skip_bad_shards=True.")
+            if not self.skip_bad_shards:
+                raise exc
+            self._warn(("orphan", log_path), f"skipping {exc}")
 
     # ---- writing ------------------------------------------------------------------------
-    def _open_writer(self) -> None:
-        if self._own is not None:
-            return
-        if self.readonly:
-            raise TeacherCacheError(f"TeacherCache {self.path!r} was opened readonly")
-        path = os.path.join(self.path, f"shard-{self.writer}.fkd")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock_writer(self) -> None:
+        fd = os.open(self._own_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise TeacherCacheError(f"{path} is being written by another process; give each writer its own "
-                                    f"writer= name") from None
+            raise TeacherCacheError(f"{self._own_path} is being written by another TeacherCache handle; give each "
+                                    f"writer its own writer= name (or open readers with readonly=True)") from None
+        self._own_fd = fd
+
+    def _rewrite_log(self, shard: _Shard, length: int) -> None:
+        """Replace the commit log by one entry of ``length`` (atomic: a new file renamed over the old)."""
+        tmp = os.path.join(self.path, "." + os.path.basename(shard.commit_path) + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, _commit_entry(length))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, shard.commit_path)
+        _fsync_dir(self.path)
+
+    def _open_writer(self) -> None:
+        """Take over this writer's shard: check it, drop a torn tail, repair its commit log."""
+        if self._own is not None:
+            return
+        if self.readonly or self._own_fd is None:
+            raise TeacherCacheError(f"TeacherCache {self.path!r} was opened readonly")
+        path, fd = self._own_path, self._own_fd
         if path not in self._shard_by_path:
             self._shard_by_path[path] = len(self._shards)
             self._shards.append(_Shard(path))
         shard = self._shards[self._shard_by_path[path]]
+        log = shard.read_log(full=True)
         size = os.fstat(fd).st_size
-        committed = shard.read_committed()
-        if size < committed:
-            os.close(fd)
-            raise TeacherCacheError(f"{path}: truncated shard: {size} bytes on disk but {committed} bytes were "
-                                    f"committed")
-        if size < _SHARD_HEADER.size and committed == 0:  # new, or torn before its header was complete
+        if size < log.committed:
+            raise TeacherCacheError(f"{path}: truncated shard: {size} bytes on disk but {log.committed} bytes were "
+                                    f"committed. Restore the file, or move it and {shard.commit_path} out of the "
+                                    f"directory (its rows are then captured again).")
+        header = self._header_bytes()
+        try:
+            head = _read_shard_header(path)
+        except TeacherCacheError:
+            if log.committed > 0 or size > len(header):
+                raise
+            head = None  # a damaged header with no chunk after it: nothing to lose
+        if head is None:
+            if log.committed > 0:
+                raise TeacherCacheError(f"{path}: truncated shard header, but {log.committed} bytes were committed")
+            # New, or torn before its header was complete. The commit log exists before the header,
+            # so a shard with chunks and no commit log is one whose log was lost.
+            cfd = os.open(shard.commit_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.fsync(cfd)
+            os.close(cfd)
+            _fsync_dir(self.path)
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, _SHARD_HEADER.pack(_SHARD_MAGIC, FORMAT_VERSION, _SHARD_HEADER.size, self._digest()))
+            _write_all(fd, header)
             os.fsync(fd)
-            _fsync_dir(self.path)
-            size = _SHARD_HEADER.size
-        shard.committed = committed
+            size = len(header)
+            log = _LogState(0, True, 0, 0, 0)
+            shard.provenance, shard.scanned = json.loads(header[_SHARD_HEADER.size:-4]), size
+        else:
+            self._check_provenance(shard, head[0])
+            if shard.provenance is None:
+                shard.provenance, shard.scanned = head[0], head[1]
+        shard.committed = log.committed
         # Recovery: everything past the commit log is checked to the last byte; a torn tail goes.
-        good = self._scan(shard, size, verify_payload=True)
+        good = self._scan(shard, verify_all=True)
         if good < size:
             os.ftruncate(fd, good)
             os.fsync(fd)
-        self._own, self._own_fd = shard, fd
+        self._own = shard
+        if log.bad or log.torn or not log.exists:
+            what = ("is missing" if not log.exists else
+                    f"had {log.bad} entr{'y' if log.bad == 1 else 'ies'} failing its checksum" if log.bad else
+                    f"ended in a torn entry ({log.torn} bytes)")
+            if log.exists or good > len(header):  # a missing log is damage once chunks exist
+                self._warn(("log", shard.commit_path, "rewritten"), f"{shard.commit_path} {what}; rewrote it from "
+                           f"the chunk checksums of {path} ({good} bytes committed)")
+            self._rewrite_log(shard, good)
+            shard.committed = good
         self._commit_fd = os.open(shard.commit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        if good != committed:
+        if head is None:
+            shard.committed = good  # a bare header: nothing to commit yet
+        if good != shard.committed:
             self._append_commit(good)
 
     def _append_commit(self, length: int) -> None:
-        os.write(self._commit_fd, struct.pack("<Q", length))
+        _write_all(self._commit_fd, _commit_entry(length))
         if self.sync:
             os.fsync(self._commit_fd)
         self._own.committed = length
@@ -502,11 +914,10 @@ class TeacherCache:
         head = head[:-4] + struct.pack("<I", _crc(head[:-4]))
         start = self._own.committed
         blob = b"".join([head, table_raw] + payloads)
+        if os.fstat(self._own_fd).st_size > start:  # what a failed earlier write left behind
+            os.ftruncate(self._own_fd, start)
         os.lseek(self._own_fd, start, os.SEEK_SET)
-        view = memoryview(blob)
-        while view:
-            n = os.write(self._own_fd, view)
-            view = view[n:]
+        _write_all(self._own_fd, blob)
         if self.sync:
             os.fsync(self._own_fd)
         end = start + len(blob)
@@ -670,13 +1081,17 @@ class TeacherCache:
 
     @property
     def nbytes(self) -> int:
-        """Committed bytes of all shards (headers and tables included)."""
-        return sum(s.committed for s in self._shards)
+        """Bytes of all indexed shards (headers and tables included)."""
+        return sum(max(s.committed, s.scanned) for s in self._shards if s.bad is None)
 
     @property
     def bytes_per_token(self) -> float:
+        """Stored bytes per token: rows, sample tables and chunk headers (each shard's fixed header of a
+        few hundred bytes is left out)."""
         n = self.num_tokens
-        return self.nbytes / n if n else float("nan")
+        headers = sum(s.scanned and len(json.dumps(s.provenance, sort_keys=True)) + _SHARD_HEADER.size + 4
+                      for s in self._shards if s.bad is None and s.provenance is not None)
+        return (self.nbytes - headers) / n if n else float("nan")
 
     def close(self) -> None:
         for fd in (self._own_fd, self._commit_fd):
