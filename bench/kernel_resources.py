@@ -143,7 +143,7 @@ def _regs(text: str):
 def _loops(body):
     """The loops of a function that load from global memory, each counted without the loops nested
     in it: its instructions per iteration (static: every path of its body), the bytes of global
-    loads (LDG) one thread issues per iteration, and the bytes it keeps in flight: the loads issued
+    loads (LDG) one thread starts per iteration, and the bytes it keeps in flight: the loads started
     before the first instruction that reads a register one of them writes."""
     addr = {a: i for i, (a, _) in enumerate(body)}
     spans = []
@@ -183,7 +183,7 @@ def _loops(body):
 
 def _summary(body):
     """(bytes in flight per thread: the max over the loops; the first streaming loop: the first loop
-    in code order that issues 16-byte loads itself and holds no inner loop that does, i.e. the
+    in code order that makes 16-byte loads itself and holds no inner loop that does, i.e. the
     row's first pass, with its instructions per 16 bytes loaded; every loading loop)."""
     loops = _loops(body)
     if not loops:

@@ -731,24 +731,23 @@ void advise_huge_pages(void* p, size_t bytes) {
 
 // One thread's share of kd_exp_ns_cpu: sums exp over an L1-resident 8 KB buffer, kReps times, with
 // eight independent accumulators (one would make the loop add-latency bound, not exp bound).
+constexpr int kExpLen = 2048;
 template <typename Acc>
 FASTKD_INLINE float exp_loop(int reps) {
   using P = Pack<Acc>;
   using T = typename P::T;
-  constexpr int kLen = 2048;
-  alignas(64) float buf[kLen];
-  for (int i = 0; i < kLen; ++i) buf[i] = -float(i % 97) * 0.25f;
+  alignas(64) float buf[kExpLen];
+  for (int i = 0; i < kExpLen; ++i) buf[i] = -float(i % 97) * 0.25f;
   T acc[8] = {};
   for (int r = 0; r < reps; ++r) {
     const T shift = P::set(float(r & 7));
-    for (int i = 0; i < kLen; i += 8 * P::W)
+    for (int i = 0; i < kExpLen; i += 8 * P::W)
       for (int u = 0; u < 8; ++u) acc[u] += P::exp(P::load(buf + i + u * P::W) - shift);
   }
   float sum = 0;
   for (int u = 0; u < 8; ++u) sum += P::sum(acc[u]);
   return sum;
 }
-constexpr int kExpLen = 2048;
 float exp_loop_f32(int reps) { return exp_loop<float>(reps); }
 #ifdef FASTKD_X86_DISPATCH
 FASTKD_AVX2 float exp_loop_f32_avx2(int reps) { return exp_loop<float>(reps); }

@@ -100,7 +100,7 @@ __device__ __forceinline__ RowStats<float> empty_stats() {
 }
 
 // One 16-byte load. Pass 1 keeps the lines in L2 for the last pass; the last pass marks them
-// evict-first. The loops issue every load of an iteration (two vectors of z and t: 64 bytes per
+// evict-first. The loops start every load of an iteration (two vectors of z and t: 64 bytes per
 // thread) before converting any of them, so that the loads are in flight together.
 template <bool kStreaming>
 __device__ __forceinline__ uint4 load16(const void* p) {
