@@ -35,7 +35,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

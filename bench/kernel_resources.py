@@ -200,13 +200,14 @@ def _summary(body):
 _TRITON_SIG = {"z_ptr": "*{dt}", "t_ptr": "*{dt}", "y_ptr": "*i64", "div_ptr": "*fp32", "loss_ptr": "*fp32",
                "gz_ptr": "*{dt}", "gt_ptr": "*{dt}", "V": "i32", "stride_z": "i32", "stride_t": "i32",
                "stride_gz": "i32", "stride_gt": "i32", "stride_y": "i32", "inv_t": "fp32", "soft_scale": "fp32",
-               "soft": "fp32", "hard": "fp32", "eps": "fp32", "eps_over_v": "fp32", "beta": "fp32",
-               "log_beta": "fp32", "log_beta1": "fp32", "cap": "fp32", "inv_cap": "fp32", "ignore_index": "i64"}
+               "soft": "fp32", "hard": "fp32", "eps": "fp32", "eps_over_v": "fp32", "w": "fp32",
+               "log_w": "fp32", "log_w1": "fp32", "cap": "fp32", "inv_cap": "fp32", "ignore_index": "i64"}
 
 
 def triton_kd_configs(arch: str = "90", dtype: str = "bf16", vocab: int = 128256, divergence: int = 0,
                       teacher_grad: bool = False, softcap: bool = False):
-    """One row per autotune config of the Triton kd kernel (``divergence`` 0/1/2 + hard CE, τ != 1,
+    """One row per autotune config of the Triton kd kernel (``divergence`` 0-5, the codes of
+    ``fastkd._settings.DIVERGENCE_CODES``, + hard CE, τ != 1,
     the student's gradient and, with ``teacher_grad``, the teacher's; ``softcap``): registers, spills, shared memory, a hash of the cubin (equal hashes: the same code),
     the 16-byte loads in the PTX, and the bytes in flight per thread and per SM (threads resident by
     the register limit)."""
@@ -241,7 +242,8 @@ def triton_kd_configs(arch: str = "90", dtype: str = "bf16", vocab: int = 128256
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     configs = K._configs()
     if hasattr(K, "_prune"):  # the candidates the autotuner keeps for this element size
-        configs = K._prune(configs, {"z_ptr": torch.empty(0, dtype=torch_dtype)}, HAS_CAP=softcap)
+        configs = K._prune(configs, {"z_ptr": torch.empty(0, dtype=torch_dtype)}, HAS_CAP=softcap, DIV=divergence,
+                           TEACHER_GRAD=teacher_grad)
     target = GPUTarget("cuda", int(arch), 32)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

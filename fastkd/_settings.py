@@ -20,22 +20,34 @@ import torch
 
 from ._backends import registry
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 REDUCTIONS = ("mean", "sum", "none")
 TAILS = ("bucket", "renorm", "sampled")
 MODES = ("topk", "sample")
 SAMPLINGS = ("iid", "systematic")
-# Divergence codes of the kernels (csrc/common/kd_math.h: enum Divergence).
-DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+# Divergence codes of the kernels (csrc/common/problems.h: enum Divergence).
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_forward_kl": 4,
+                    "skew_reverse_kl": 5}
+# The divergences whose value needs the row's final normalisers before it can be summed: the kernels
+# run one more pass over the row for them (and the vocab-parallel loss one more all-reduce).
+SUMS_DIVERGENCES = ("jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 # Tail codes of the sparse kernels (csrc/common/problems.h: enum SparseTail).
 TAIL_CODES = {"bucket": 0, "renorm": 1, "sampled": 2}
 
 
-def effective_divergence(divergence: str, beta: float) -> str:
-    """TRL's convention (``generalized_jsd_loss``): JSD with β = 0 is forward KL, with β = 1 reverse KL."""
+def effective_divergence(divergence: str, beta: float, skew: float = 0.1) -> str:
+    """The divergence the kernels run: TRL's convention (``generalized_jsd_loss``) makes JSD with
+    β = 0 forward KL and with β = 1 reverse KL; skew KL with α = 0 is the plain KL of its direction."""
     if divergence == "jsd" and beta in (0.0, 1.0):
         return "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and skew == 0.0:
+        return divergence[len("skew_"):]
     return divergence
+
+
+def mixture_weight(divergence: str, beta: float, skew: float) -> float:
+    """The kernels' mixture weight of a divergence: β of the JSD, α of skew KL (unused otherwise)."""
+    return float(skew) if divergence.startswith("skew_") else float(beta)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,6 +95,7 @@ _RULES = {
     "soft_weight": lambda v, n: check_real(n, v),
     "hard_weight": lambda v, n: check_real(n, v),
     "beta": lambda v, n: check_real(n, v, low=0.0, high=1.0),
+    "skew": lambda v, n: check_real(n, v, low=0.0, high=1.0),
     "label_smoothing": lambda v, n: check_real(n, v, low=0.0, high=1.0),
     "softcap": lambda v, n: check_real(n, v, low=0.0, low_open=True, allow_none=True),
     "divergence": lambda v, n: check_choice(n, v, DIVERGENCES),
@@ -122,8 +135,8 @@ class KernelParams(NamedTuple):
     temperature: float
     soft_scale: float      # soft_weight · (τ² if t2_scale else 1)
     hard_weight: float
-    divergence: int        # DIVERGENCE_CODES, after TRL's JSD special cases
-    beta: float
+    divergence: int        # DIVERGENCE_CODES, after the special cases of effective_divergence
+    beta: float            # the mixture weight: JSD's β, or skew KL's α (mixture_weight)
     ignore_index: int
     label_smoothing: float
     softcap: float         # 0.0: no softcap
@@ -142,6 +155,7 @@ class KDSettings:
     hard_weight: float = 0.0
     divergence: str = "forward_kl"
     beta: float = 0.5
+    skew: float = 0.1
     ignore_index: int = -100
     label_smoothing: float = 0.0
     reduction: str = "mean"
@@ -153,7 +167,12 @@ class KDSettings:
     @property
     def kernel_divergence(self) -> str:
         """The divergence the kernels run (:func:`effective_divergence`)."""
-        return effective_divergence(self.divergence, self.beta)
+        return effective_divergence(self.divergence, self.beta, self.skew)
+
+    @property
+    def mixture_weight(self) -> float:
+        """β for the JSD, α for skew KL: the one mixture weight the kernels take."""
+        return mixture_weight(self.kernel_divergence, self.beta, self.skew)
 
     @property
     def soft_scale(self) -> float:
@@ -163,13 +182,14 @@ class KDSettings:
 
     def kernel_params(self) -> KernelParams:
         return KernelParams(float(self.temperature), self.soft_scale, float(self.hard_weight),
-                            DIVERGENCE_CODES[self.kernel_divergence], float(self.beta), int(self.ignore_index),
+                            DIVERGENCE_CODES[self.kernel_divergence], self.mixture_weight, int(self.ignore_index),
                             float(self.label_smoothing), float(self.softcap or 0.0))
 
     def reference_kwargs(self) -> Dict[str, Any]:
         """Keyword arguments of ``fastkd._reference.kd.kd_loss_rows``."""
         return dict(temperature=self.temperature, soft_weight=self.soft_weight, hard_weight=self.hard_weight,
-                    divergence=self.kernel_divergence, beta=self.beta, ignore_index=self.ignore_index,
+                    divergence=self.kernel_divergence, beta=self.beta, skew=self.skew,
+                    ignore_index=self.ignore_index,
                     label_smoothing=self.label_smoothing, t2_scale=self.t2_scale, softcap=self.softcap)
 
     def with_temperature(self, temperature: float) -> "KDSettings":

@@ -16,13 +16,15 @@ teacher logits (the layout of a column-parallel LM head). The loss equals the si
 Backward issues no communication: the gradient slice is computed in forward (as by the op
 ``fastkd::kd``) and backward only scales it by the incoming gradient.
 
-JSD is the one exception, and needs a second, smaller collective. Its loss and the ``S = KL(q‖m)``
-term of its gradient are sums over the vocabulary of ``q_i·log(q_i/m_i)`` with
-``m_i = β p_i + (1−β) q_i``; that summand is a non-linear function of ``lse_t − lse_z``, a
-row constant known only after the merge, so no finite set of per-shard statistics gathered *before*
-the merge determines it. The loss value and the gradient's S term therefore travel together in one
-all-reduce of a ``(N, 2)`` tensor ``[S_q, S_p]`` after the merge: two collectives in forward (an
-all-gather of N×11 and an all-reduce of N×2 values), still none in backward.
+Forward KL and reverse KL need that one collective. JSD, total variation and skew KL need a
+second, smaller one. Their loss and the row constants of their gradients are sums over the
+vocabulary of terms such as ``q_i·log(q_i/m_i)`` with ``m_i = β p_i + (1−β) q_i`` (JSD, skew KL) or
+``|p_i − q_i|`` (TVD); each summand is a non-linear function of ``lse_t − lse_z``, a row constant
+known only after the merge, so no finite set of per-shard statistics gathered *before* the merge
+determines it. The loss value and the gradient's constants therefore travel together in one
+all-reduce of a ``(N, 2)`` tensor after the merge (the sums of the table in
+``csrc/common/kd_math.h``): two collectives in forward (an all-gather of N×11 and an all-reduce of
+N×2 values), still none in backward.
 
 The per-shard phases are the ``kd_shard`` op family of the backend registry: the fused kernels of
 ``fastkd._C`` for the cpu and cuda backends, the vectorised PyTorch of
@@ -52,7 +54,8 @@ from ._backends import registry
 from ._ops import capture as _capture_ops
 from ._ops.kd import scale_rows
 from ._reference.kd_shard import STATS_WIDTH, merge_stats, shard_stats
-from ._settings import acc_dtype, capture_settings, check_hard_target, check_int, check_k, kd_settings
+from ._settings import (SUMS_DIVERGENCES, acc_dtype, capture_settings, check_hard_target, check_int, check_k,
+                        kd_settings)
 from .cache.teacher import SparseTeacher, check_generator, draw_uniforms
 from .losses import check_sparse_teacher, sparse_settings
 
@@ -166,12 +169,13 @@ def _vocab_parallel_forward(student, teacher, target, divisor, cfg):
     _check_layout(gathered[:, n], target, p.ignore_index)
     merged = merge_stats(gathered[:, :n])
 
-    jsd_sums = None
-    if cfg["jsd"]:
-        jsd_sums = phases.jsd_sums(student, teacher, target, merged, p, **layout)
-        # JSD's second collective: the loss value and the gradient's S term, summed over shards.
-        dist.all_reduce(jsd_sums, group=group)
-    return phases.finish(student, teacher, target, merged, jsd_sums, divisor, p,
+    div_sums = None
+    if cfg["sums"]:
+        div_sums = phases.div_sums(student, teacher, target, merged, p, **layout)
+        # The second collective of JSD, TVD and skew KL: their two sums (the loss value and the
+        # gradient's row constants), summed over shards.
+        dist.all_reduce(div_sums, group=group)
+    return phases.finish(student, teacher, target, merged, div_sums, divisor, p,
                          teacher_grad=cfg["teacher_grad"], **layout)
 
 
@@ -200,6 +204,7 @@ def kd_loss(
     hard_weight: float = 0.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
@@ -218,7 +223,8 @@ def kd_loss(
 
     and ``student_shard.grad`` is this rank's slice of ``student.grad`` (same for a teacher that
     requires grad). No rank gathers a full row: forward runs one all-gather of an ``(N, 11)`` float
-    tensor of row statistics (JSD adds one all-reduce of ``(N, 2)``); backward communicates nothing.
+    tensor of row statistics (JSD, TVD and skew KL add one all-reduce of ``(N, 2)``); backward
+    communicates nothing.
     The returned loss is already the full loss on every rank (no further reduction over ``group``).
 
     Args:
@@ -231,7 +237,7 @@ def kd_loss(
         vocab_size: the full vocabulary size. Default ``world_size * Vs``. The layout (contiguous
             slices in rank order covering ``[0, vocab_size)``) is checked from data that rides along
             with the statistics: ``ValueError`` on CPU, a device-side assert on GPU.
-        temperature, soft_weight, hard_weight, divergence, beta, ignore_index, label_smoothing,
+        temperature, soft_weight, hard_weight, divergence, beta, skew, ignore_index, label_smoothing,
         reduction, t2_scale, softcap, num_items: as in :func:`fastkd.kd_loss`.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``, resolved against
             the device as in :func:`fastkd.kd_loss`. ``"cpu"`` and ``"cuda"`` run the shard phases
@@ -242,7 +248,7 @@ def kd_loss(
         float32 loss (float64 for float64 inputs), identical on every rank of ``group``.
     """
     settings = kd_settings(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                           divergence=divergence, beta=beta, ignore_index=ignore_index,
+                           divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction=reduction, t2_scale=t2_scale,
                            softcap=softcap, backend=backend)
     _inputs.check_pair(student_shard, teacher_shard, student_name="student_shard", teacher_name="teacher_shard")
@@ -255,7 +261,7 @@ def kd_loss(
     resolved = registry.resolve("kd_shard", settings.backend, device)
     registry.check_dtype("kd_shard", resolved, student_shard.dtype)
     _, world, vocab_start, vocab_size = _layout_args(vocab_start, vocab_size, width, group)
-    if soft_weight == 0.0:  # no soft term: JSD's second collective would carry zeros
+    if soft_weight == 0.0:  # no soft term: the second collective of the sums divergences would carry zeros
         settings = settings.replace(divergence="forward_kl")
 
     # the kernels take row strides and a unit column stride
@@ -264,7 +270,7 @@ def kd_loss(
     y = None if target is None else target.reshape(-1).long().contiguous()
     divisor = _inputs.divisor(y, s2.shape[0], reduction, num_items, ignore_index, device, acc_dtype(s2.dtype))
     cfg = dict(group=group, world=world, vocab_start=vocab_start, vocab_size=vocab_size, backend=resolved,
-               params=settings.kernel_params(), jsd=settings.kernel_divergence == "jsd",
+               params=settings.kernel_params(), sums=settings.kernel_divergence in SUMS_DIVERGENCES,
                teacher_grad=bool(teacher_shard.requires_grad))
     rows = _VocabParallelKD.apply(s2, t2, y, divisor, cfg)
     return _inputs.reduce_rows(rows, reduction, lead_shape)

@@ -354,6 +354,7 @@ def fused_linear_kd_loss(
     hard_weight: float = 0.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
@@ -397,7 +398,7 @@ def fused_linear_kd_loss(
         temperature: τ of the soft term; None means 1.0, or the capture temperature of a SparseTeacher
             (which the stored probabilities fix).
         **kd_kwargs: every other keyword argument of :func:`fastkd.kd_loss`: ``soft_weight``,
-            ``hard_weight``, ``divergence``, ``beta``, ``ignore_index``,
+            ``hard_weight``, ``divergence``, ``beta``, ``skew``, ``ignore_index``,
             ``label_smoothing``, ``reduction``, ``t2_scale``, ``softcap``, ``num_items``,
             ``backend``); ``inplace_grad`` does not apply (the logits are internal buffers).
 
@@ -408,7 +409,7 @@ def fused_linear_kd_loss(
         float32 loss (float64 for float64 students): a scalar, or ``(...)`` for ``reduction="none"``.
     """
     settings = kd_settings(allow_default_temperature=True, tail=tail, temperature=temperature,
-                           soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+                           soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta, skew=skew,
                            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                            t2_scale=t2_scale, softcap=softcap, backend=backend)
     sparse = isinstance(teacher_hidden, SparseTeacher)

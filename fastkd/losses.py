@@ -29,6 +29,7 @@ def kd_loss(
     hard_weight: float = 0.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
@@ -64,10 +65,24 @@ def kd_loss(
             contribute nothing to either term and are not counted by "mean".
         temperature: τ > 0 applied to both softmaxes of the soft term (the hard term uses τ = 1).
         soft_weight, hard_weight: weights of the divergence and of the cross-entropy.
-        divergence: ``"forward_kl"`` KL(p‖q), ``"reverse_kl"`` KL(q‖p), or ``"jsd"``
-            β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q (β = 0 / 1 give forward / reverse KL exactly,
-            as TRL's ``generalized_jsd_loss``). p is the teacher's, q the student's distribution.
+        divergence: D(p, q), p the teacher's and q the student's distribution:
+
+            * ``"forward_kl"``: KL(p‖q);
+            * ``"reverse_kl"``: KL(q‖p);
+            * ``"jsd"``: β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q (β = 0 / 1 give forward /
+              reverse KL exactly, as TRL's ``generalized_jsd_loss``);
+            * ``"tvd"``: total variation ½·Σ|p − q|. Its gradient w.r.t. the student's scaled logits
+              s = z/τ is ``−½·q_j·(sgn(p_j − q_j) − Σ_i q_i·sgn(p_i − q_i))`` with the subgradient
+              sgn(0) = 0 where p_j = q_j (as ``torch.abs``'s backward), so identical rows get a zero
+              gradient;
+            * ``"skew_forward_kl"``: KL(p‖αp + (1−α)q) and ``"skew_reverse_kl"``: KL(q‖αq + (1−α)p),
+              the skew KL of DistiLLM (Ko et al., ICML 2024), bounded by log(1/α); α = 0 gives
+              forward / reverse KL exactly, α = 1 gives 0.
+
+            JSD, TVD and skew KL take one more pass over each row than the KLs (their sums need
+            the final normalisers).
         beta: β ∈ [0, 1] of the JSD.
+        skew: α ∈ [0, 1] of skew KL (DistiLLM's default 0.1).
         label_smoothing: ε ∈ [0, 1] of the hard term, as in ``F.cross_entropy``.
         reduction: ``"mean"`` over counted rows, ``"sum"``, or ``"none"`` (shape ``(...)``).
         t2_scale: multiply the soft term by τ² (Hinton et al.) so its gradient scale is τ-independent.
@@ -84,7 +99,7 @@ def kd_loss(
         float32 loss (float64 for float64 inputs): a scalar, or ``(...)`` for ``reduction="none"``.
     """
     settings = kd_settings(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                           divergence=divergence, beta=beta, ignore_index=ignore_index,
+                           divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction=reduction, t2_scale=t2_scale,
                            softcap=softcap, backend=backend)
     _inputs.check_pair(student_logits, teacher_logits, student_name="student_logits", teacher_name="teacher_logits")
@@ -117,7 +132,7 @@ def kd_loss(
     return _inputs.reduce_rows(rows, reduction, lead_shape)
 
 
-_KDLOSS_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "ignore_index",
+_KDLOSS_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "skew", "ignore_index",
                 "label_smoothing", "reduction", "t2_scale", "softcap", "num_items", "backend", "inplace_grad")
 
 

@@ -468,8 +468,10 @@ BAD_SETTINGS = [
     ("beta", 1.5, ValueError, "beta must be <= 1.0, got 1.5", _DENSE),
     ("label_smoothing", -0.1, ValueError, "label_smoothing must be >= 0.0, got -0.1", _LOSSES),
     ("softcap", 0.0, ValueError, "softcap must be > 0.0, got 0.0", _DENSE),
-    ("divergence", "kl", ValueError, "divergence must be one of ('forward_kl', 'reverse_kl', 'jsd'), got 'kl'",
-     _LOSSES),
+    ("skew", -0.5, ValueError, "skew must be >= 0.0, got -0.5", _DENSE),
+    ("skew", "0.1", TypeError, "skew must be a real number, got str", _DENSE),
+    ("divergence", "kl", ValueError, "divergence must be one of ('forward_kl', 'reverse_kl', 'jsd', 'tvd', "
+     "'skew_forward_kl', 'skew_reverse_kl'), got 'kl'", _LOSSES),
     ("reduction", "avg", ValueError, "reduction must be one of ('mean', 'sum', 'none'), got 'avg'",
      tuple(e for e in _LOSSES if e != "trainer")),
     ("ignore_index", 1.0, TypeError, "ignore_index must be an int, got float",

@@ -200,6 +200,17 @@ def _kd_cases(world):
                                                    label_smoothing=0.05, hard_weight=0.5))
     cases["jsd_beta0_is_fkl"] = dict(common, seed=7, vocab=v_even, kw=dict(divergence="jsd", beta=0.0))
     cases["jsd_beta1_is_rkl"] = dict(common, seed=8, vocab=v_even, kw=dict(divergence="jsd", beta=1.0))
+    cases["tvd_teacher_grad_masked"] = dict(common, seed=31, vocab=v_even, teacher_grad=True,
+                                            inputs=dict(mask_cols=True, mask_shard=world - 1),
+                                            kw=dict(divergence="tvd", temperature=1.5, hard_weight=0.25))
+    cases["skew_fkl_softcap_none"] = dict(common, seed=32, vocab=v_even, teacher_grad=True, kw=dict(
+        divergence="skew_forward_kl", skew=0.2, softcap=6.0, hard_weight=0.5, reduction="none"))
+    # (skew KL's gradients subtract O(1) row constants: with peaked rows (logit scale 10-30) float32
+    # leaves up to ~0.4 % of the largest student gradient between the sharded and single-device
+    # summation orders, so this case keeps the default scale)
+    cases["skew_rkl_sum"] = dict(common, seed=33, vocab=v_even, teacher_grad=True,
+                                 kw=dict(divergence="skew_reverse_kl", reduction="sum"))
+    cases["skew0_is_fkl"] = dict(common, seed=34, vocab=v_even, kw=dict(divergence="skew_forward_kl", skew=0.0))
     cases["no_target_t2off"] = dict(common, seed=9, vocab=v_even, inputs=dict(with_target=False),
                                     kw=dict(t2_scale=False, temperature=3.0))
     cases["num_items"] = dict(common, seed=10, vocab=v_even, kw=dict(hard_weight=1.0, num_items=57))
@@ -295,7 +306,8 @@ def _case_collective_count(rank, world, group):
     vocab = 32 * world
     s, t, y = _make_inputs(5, 9, vocab, world=world)
     a, b = _bounds(vocab, world, rank)
-    for divergence, expected in (("forward_kl", 1), ("reverse_kl", 1), ("jsd", 2)):
+    for divergence, expected in (("forward_kl", 1), ("reverse_kl", 1), ("jsd", 2), ("tvd", 2),
+                                 ("skew_forward_kl", 2), ("skew_reverse_kl", 2)):
         s_sh = s[:, a:b].float().requires_grad_()
         t_sh = t[:, a:b].float().requires_grad_()  # teacher grad too: still nothing in backward
         out = {}

@@ -70,7 +70,8 @@ def _reference_loss(student, teacher, batch, **kd):
     rows = _reference.kd_loss_rows(zs.reshape(-1, zs.shape[-1]), zt.reshape(-1, zt.shape[-1]),
                                    y.clamp_min(0), temperature=kd.get("temperature", 1.0),
                                    soft_weight=kd.get("soft_weight", 1.0), hard_weight=kd.get("hard_weight", 0.0),
-                                   divergence=kd.get("divergence", "forward_kl"), beta=0.5, ignore_index=-100,
+                                   divergence=kd.get("divergence", "forward_kl"), beta=0.5,
+                                   skew=kd.get("skew", 0.1), ignore_index=-100,
                                    label_smoothing=0.0, t2_scale=True, softcap=None)
     keep = y != -100
     return (rows * keep).sum() / keep.sum().clamp_min(1)
@@ -92,6 +93,8 @@ def test_head_capture_is_the_head_input(arch):
 @pytest.mark.parametrize("arch,kd", [
     ("gpt2", dict(temperature=2.0, soft_weight=0.7, hard_weight=0.3)),
     ("llama", dict(temperature=1.0, soft_weight=1.0, hard_weight=0.0, divergence="reverse_kl")),
+    ("gpt2", dict(temperature=1.5, soft_weight=1.0, hard_weight=0.2, divergence="tvd")),
+    ("llama", dict(temperature=1.0, soft_weight=1.0, hard_weight=0.1, divergence="skew_forward_kl", skew=0.2)),
 ])
 def test_compute_loss_matches_reference_loss_and_grads(tmp_path, arch, kd):
     student = _gpt2(1, 16, 1) if arch == "gpt2" else _llama(1)

@@ -23,7 +23,7 @@ from fastkd._backends import registry
 from fastkd._reference import kd as ref
 from fastkd._settings import KernelParams, kd_settings
 
-DIVS = ["forward_kl", "reverse_kl", "jsd"]
+DIVS = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
 REDS = ["mean", "sum", "none"]
 
 
@@ -88,7 +88,7 @@ def check(backend, got, want, *, teacher=True, floor=None):
 SETTINGS = [
     dict(),
     dict(temperature=2.0, hard_weight=0.5, soft_weight=0.7, label_smoothing=0.1),
-    dict(temperature=0.7, hard_weight=1.0, softcap=5.0, beta=0.3, t2_scale=False),
+    dict(temperature=0.7, hard_weight=1.0, softcap=5.0, beta=0.3, skew=0.3, t2_scale=False),
 ]
 
 
@@ -260,7 +260,7 @@ FUSED = ("cpu", "triton", "cuda_emu")
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("divergence", [0, 1, 2], ids=DIVS)
+@pytest.mark.parametrize("divergence", range(len(DIVS)), ids=DIVS)
 def test_ignored_and_bad_targets_and_nan_rows(use_backend, backend, divergence):
     use_backend(backend)
     z, t, y = logits(4, 130, seed=8, dtype=torch.bfloat16)
@@ -557,9 +557,11 @@ def test_cpu_grid_matches_reference(divergence, reduction, temperature, label_sm
     assert got[0].dtype == torch.float32
     assert_close(got[0], want[0], what="loss")
     assert_close(got[1], want[1], what="student grad")
-    # JSD's teacher gradient β·p_j·(log p_j/m_j − S_p) cancels two O(1) terms at the teacher's argmax
-    # when τ is small (p ≈ 1): float32 leaves ~1e-7 absolute there, ~1.5e-5 of the gradient's max.
-    assert_close(got[2], want[2], atol_frac=3e-5 if divergence == "jsd" else 1e-6, what="teacher grad")
+    # The teacher gradients of the divergences with a sums pass subtract a row sum from an O(1) term
+    # (JSD: β·p_j·(log p_j/m_j − S_p); TVD: ½·p_j·(sgn_j − Σ p·sgn)): at the teacher's argmax with a
+    # small τ (p ≈ 1) the two cancel, and float32 leaves ~1e-7 absolute there, ~1.5e-5 of the max.
+    sums = divergence in ("jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
+    assert_close(got[2], want[2], atol_frac=3e-5 if sums else 1e-6, what="teacher grad")
 
 
 @pytest.mark.parametrize("shape", [(41, 1271), (252, 507), (3, 1), (5, 2), (4, 50257)])
@@ -571,8 +573,12 @@ def test_cpu_odd_shapes_and_vocab_sizes(shape, divergence):
     got = run("cpu", z, t, y, **kw)
     want = oracle(z, t, y, **kw)
     assert_close(got[0], want[0], what="loss", floor=1.0)
-    assert_close(got[1], want[1], what="student grad")
-    assert_close(got[2], want[2], what="teacher grad")
+    # One column: every divergence and its exact gradient are 0. The KLs' gradients are exact
+    # differences (q − p = 0); skew KL's row sums round to 1 ± ulp, leaving ~3e-8 of a gradient whose
+    # other terms are O(1): bounded on that O(1) scale.
+    floor = 1.0 if v == 1 and divergence.startswith("skew_") else 1e-30
+    assert_close(got[1], want[1], what="student grad", floor=floor)
+    assert_close(got[2], want[2], what="teacher grad", floor=floor)
 
 
 @pytest.mark.parametrize("divergence", DIVS)
@@ -651,7 +657,13 @@ def test_cpu_later_passes_from_the_kept_exponentials(divergence, temperature, te
     want = oracle(z, t, y, teacher_grad=teacher_grad, **kw)
     assert all(torch.isfinite(x).all() for x in got if x is not None)
     assert torch.all(got[1][5, 2800:] == 0)
-    check("cpu", got, want, teacher=teacher_grad)
+    check("cpu", got[:2], want[:2])
+    if teacher_grad:
+        # skew KL's teacher gradient p_j·(log(p_j/m_j) − w·p_j/m_j + c) is a small difference of O(1)
+        # terms where the student is far more peaked than the teacher (row 2): ~2e-7 absolute in
+        # float32, as for the other sums divergences in test_cpu_grid_matches_reference
+        frac = 3e-5 if divergence.startswith("skew_") else 1e-5
+        assert_close(got[2], want[2], rtol=1e-5, atol_frac=frac, floor=1e-2, what="teacher grad")
 
 
 def test_cpu_results_do_not_depend_on_the_thread_count():
@@ -739,6 +751,119 @@ def test_jsd_beta_endpoints_are_the_kls():
         a = fastkd.kd_loss(z, t, y, divergence="jsd", beta=beta, hard_weight=0.1, backend="cpu")
         b = fastkd.kd_loss(z, t, y, divergence=div, hard_weight=0.1, backend="cpu")
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Total variation and skew KL against the peers' published formulas
+# ------------------------------------------------------------------------------------------------
+def liger_tvd(p, q):
+    """Liger-Kernel's TVD (its torch reference): ½·|p − q| on probability tensors, "batchmean"."""
+    return (0.5 * (p - q).abs()).sum() / p.shape[0]
+
+
+def distillkit_tvd(student_logits, teacher_ids, teacher_logprobs, mask, temperature):
+    """DistillKit's sparse TVD with every teacher entry stored: ½·(Σ_ids |P − Q| + max(1 − Σ_ids Q, 0))
+    per token, summed over the tokens the mask keeps."""
+    q = torch.softmax(student_logits / temperature, -1).gather(-1, teacher_ids)
+    p = teacher_logprobs.exp()
+    per_token = 0.5 * ((p - q).abs().sum(-1) + (1.0 - q.sum(-1)).clamp_min(0.0))
+    return (per_token * mask).sum()
+
+
+def distillm_skew(student_logits, teacher_logits, labels, lam, reverse):
+    """DistiLLM's skewed_forward_kl / skewed_reverse_kl (Ko et al. 2024), from their formulas: the
+    forward one returns the cross-entropy −Σ p·log(λp + (1−λ)q) (the teacher's entropy dropped), the
+    reverse one Σ q·(log q − log((1−λ)p + λq)); masked mean over tokens."""
+    p = torch.softmax(teacher_logits, -1)
+    q = torch.softmax(student_logits, -1)
+    if reverse:
+        x = (q * (torch.log((1 - lam) * p + lam * q) - torch.log_softmax(student_logits, -1))).sum(-1)
+    else:
+        x = (p * torch.log(lam * p + (1 - lam) * q)).sum(-1)
+    keep = (labels != -100).to(x.dtype)
+    return -(x * keep).sum() / keep.sum()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tvd_equals_liger_and_distillkit(temperature):
+    z, t, y = logits(12, 300, seed=40, ignore_every=4, dtype=torch.float64)
+    zd, td = z, t
+    p, q = torch.softmax(td / temperature, -1), torch.softmax(zd / temperature, -1)
+    ours = fastkd.kd_loss(z, t, divergence="tvd", temperature=temperature, t2_scale=False, backend="cpu")
+    assert_close(ours, liger_tvd(p, q), rtol=1e-12, atol_frac=1e-12, what="TVD vs Liger")
+    ids = torch.arange(300).expand(12, 300)
+    keep = (y != -100).double()
+    want = distillkit_tvd(zd, ids, torch.log_softmax(td / temperature, -1), keep, temperature)
+    got = fastkd.kd_loss(z, t, y, divergence="tvd", temperature=temperature, t2_scale=False, reduction="sum",
+                         backend="cpu")
+    assert_close(got, want, rtol=1e-12, atol_frac=1e-12, what="TVD vs DistillKit")
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
+def test_tvd_subgradient_is_zero_where_p_equals_q(use_backend, backend):
+    """Swapping two teacher logits leaves every other column with p_i = q_i exactly. fastkd takes
+    sgn(0) = 0 there (as ``torch.abs``'s backward): those columns enter the gradient only through the
+    row term Σ q·sgn(p − q), whose tie columns add nothing; identical rows get a zero gradient."""
+    use_backend(backend)
+    z = torch.randn(3, 40, generator=torch.Generator().manual_seed(41))
+    t = z.clone()
+    t[0, [0, 1]] = z[0, [1, 0]]  # row 0: ties everywhere but columns 0 and 1
+    t[1, [5, 30]] = z[1, [30, 5]]
+    zz = z.clone().requires_grad_()
+    loss = fastkd.kd_loss(zz, t, divergence="tvd", reduction="sum", backend=backend)
+    loss.backward()
+    q, p = torch.softmax(z.double(), -1), torch.softmax(t.double(), -1)
+    sg = torch.sign(p - q)
+    sg[p == q] = 0.0
+    want = -0.5 * q * (sg - (q * sg).sum(-1, keepdim=True))
+    assert torch.equal(zz.grad[2], torch.zeros(40))  # identical rows
+    assert float(loss.detach()) == pytest.approx(float(0.5 * (p - q).abs().sum()), rel=1e-5)
+    assert_close(zz.grad, want, floor=1e-2, what="TVD subgradient")
+    # Liger's convention (sgn(0) = −1) would move every tie column by ½·q_j·Σ_tie q: a visible change
+    liger_like = torch.where(p == q, -torch.ones_like(sg), sg)
+    other = -0.5 * q * (liger_like - (q * liger_like).sum(-1, keepdim=True))
+    assert (other - want)[:2].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.3])
+@pytest.mark.parametrize("reverse", [False, True], ids=["skew_forward_kl", "skew_reverse_kl"])
+def test_skew_kl_equals_distillm(lam, reverse):
+    # float64 through the C++ kernel: agreement of the definitions, free of float32 rounding (the
+    # float32 bounds of every divergence are the business of the tests above)
+    z, t, y = logits(10, 250, seed=42, ignore_every=4, dtype=torch.float64)
+    zd = z.clone().requires_grad_()
+    want = distillm_skew(zd, t.double(), y, lam, reverse)
+    (want_grad,) = torch.autograd.grad(want, zd)
+    zz = z.clone().requires_grad_()
+    div = "skew_reverse_kl" if reverse else "skew_forward_kl"
+    got = fastkd.kd_loss(zz, t, y, divergence=div, skew=lam, backend="cpu")
+    got.backward()
+    if not reverse:  # DistiLLM returns KL(p‖m) + H(p): the same student gradient, a constant apart
+        p = torch.softmax(t, -1)
+        keep = (y != -100).double()
+        entropy = ((-(p * torch.log(p)).sum(-1)) * keep).sum() / keep.sum()
+        want = want - entropy
+    assert_close(got, want.detach(), rtol=1e-12, atol_frac=1e-12, what="skew KL vs DistiLLM")
+    assert_close(zz.grad, want_grad, rtol=1e-10, atol_frac=1e-12, what="skew KL gradient vs DistiLLM")
+
+
+def test_skew_kl_endpoints_and_bound():
+    z, t, y = logits(8, 100, seed=43, ignore_every=5)
+    for div, plain in (("skew_forward_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")):
+        a = run("cpu", z, t, y, divergence=div, skew=0.0, hard_weight=0.1)
+        b = run("cpu", z, t, y, divergence=plain, hard_weight=0.1)
+        for x, w in zip(a, b):
+            assert torch.equal(x, w)  # α = 0 is the plain KL, bit for bit
+        loss, gz, gt = run("cpu", z, t, None, divergence=div, skew=1.0)  # m is the side itself: D = 0
+        assert float(loss) == 0.0 and gz.abs().max() < 1e-7 and gt.abs().max() < 1e-7
+    # KL(p‖αp + (1−α)q) <= log(1/α) however little mass the student puts where the teacher has it
+    z2 = torch.full((2, 50), -30.0)
+    z2[:, 0] = 30.0
+    t2 = torch.zeros(2, 50)
+    for alpha in (0.1, 0.5):
+        rows = fastkd.kd_loss(z2, t2, divergence="skew_forward_kl", skew=alpha, reduction="none", backend="cpu")
+        assert (rows <= math.log(1.0 / alpha) + 1e-5).all() and (rows > 0.5 * math.log(1.0 / alpha)).all()
+    assert (fastkd.kd_loss(z2, t2, reduction="none", backend="cpu") > 50).all()
 
 
 def test_custom_ignore_index_and_num_items():
@@ -882,9 +1007,11 @@ def test_gradcheck_float64(backend, divergence, softcap):
     assert torch.autograd.gradcheck(f, (z, t), eps=1e-6, atol=1e-7)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("divergence", DIVS)
+def test_opcheck(divergence):
     z, t, y = logits(5, 33, seed=23, ignore_every=5)
-    p = kd_settings(temperature=2.0, soft_weight=1.0, hard_weight=0.5, beta=0.5, label_smoothing=0.1).kernel_params()
+    p = kd_settings(temperature=2.0, soft_weight=1.0, hard_weight=0.5, beta=0.5, label_smoothing=0.1,
+                    divergence=divergence).kernel_params()
     for teacher_grad in (False, True):
         for target in (y, None):
             args = (z.clone().requires_grad_(), t.clone().requires_grad_(teacher_grad), target, torch.tensor(3.0))
@@ -892,11 +1019,13 @@ def test_opcheck():
             torch.library.opcheck(torch.ops.fastkd.kd.default, args, kwargs)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("divergence", DIVS)
+def test_torch_compile_fullgraph(divergence):
     z, t, y = logits(8, 96, seed=24, ignore_every=5)
 
     def step(a, b, target):
-        return fastkd.kd_loss(a, b, target, temperature=2.0, hard_weight=0.5, backend="cpu") * 2.0
+        return fastkd.kd_loss(a, b, target, temperature=2.0, hard_weight=0.5, divergence=divergence,
+                              backend="cpu") * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     a1 = z.clone().requires_grad_()
@@ -1107,7 +1236,7 @@ def _plain_params(divergence=0):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("divergence", [0, 1, 2], ids=DIVS)
+@pytest.mark.parametrize("divergence", range(len(DIVS)), ids=DIVS)
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device")
 def test_gpu_ignored_bad_target_nan_and_determinism(use_backend, backend, divergence):

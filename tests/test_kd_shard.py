@@ -1,6 +1,6 @@
 """The ``kd_shard`` op family: the vocab-parallel phases of the dense loss, in one process.
 
-A row's vocabulary is cut into slices; ``stats`` per slice, ``merge_stats``, (JSD: ``jsd_sums``
+A row's vocabulary is cut into slices; ``stats`` per slice, ``merge_stats``, (JSD, TVD, skew KL: ``div_sums``
 per slice, summed), then ``finish`` per slice must give the fused loss and gradient of the same
 backend, and the float64 reference. Every backend: ``cpu`` and ``cuda_emu`` run the kernels' modes
 1-3, ``torch`` (and ``triton``, which uses it) the PyTorch phases. The multi-process loss over
@@ -15,9 +15,9 @@ from conftest import CPU_TENSOR_BACKENDS, GPU_BACKENDS, HAS_GPU, assert_close, l
 from fastkd._backends import registry
 from fastkd._reference import kd as ref
 from fastkd._reference.kd_shard import merge_stats
-from fastkd._settings import acc_dtype, kd_settings
+from fastkd._settings import DIVERGENCE_CODES, SUMS_DIVERGENCES, acc_dtype, kd_settings
 
-DIVS = ["forward_kl", "reverse_kl", "jsd"]
+DIVS = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
 
 
 def _fused(backend, z, t, y, p, divisor):
@@ -39,14 +39,14 @@ def _sharded(backend, z, t, y, p, divisor, parts):
     stats = [phases.stats(z[:, a:b], t[:, a:b], y, p, col_offset=a, vocab_total=v, stats_dtype=acc_dtype(z.dtype))
              for a, b in parts]
     merged = merge_stats(torch.stack(stats)).contiguous()
-    jsd = None
-    if p.divergence == 2:
-        jsd = sum(phases.jsd_sums(z[:, a:b], t[:, a:b], y, merged, p, col_offset=a, vocab_total=v)
-                  for a, b in parts).contiguous()
+    sums = None
+    if p.divergence in tuple(DIVERGENCE_CODES[d] for d in SUMS_DIVERGENCES):
+        sums = sum(phases.div_sums(z[:, a:b], t[:, a:b], y, merged, p, col_offset=a, vocab_total=v)
+                   for a, b in parts).contiguous()
     gs, gt = torch.empty_like(z), torch.empty_like(t)
     loss = None
     for a, b in parts:
-        rows, g_s, g_t = phases.finish(z[:, a:b], t[:, a:b], y, merged, jsd, divisor, p, col_offset=a,
+        rows, g_s, g_t = phases.finish(z[:, a:b], t[:, a:b], y, merged, sums, divisor, p, col_offset=a,
                                        vocab_total=v, teacher_grad=True)
         loss = rows if loss is None else loss
         torch.testing.assert_close(rows, loss, rtol=0, atol=0)  # every slice finishes the same row loss
@@ -61,7 +61,7 @@ def test_shard_phases_merge_to_the_fused_loss(use_backend, backend, divergence):
     n, v, cut = 6, 1000, 389
     z, t, y = logits(n, v, seed=7, dtype=torch.bfloat16, ignore_rows=(1,))
     y[0], y[3] = cut, cut - 1  # targets at the slice boundary
-    kw = dict(temperature=2.0, hard_weight=0.5, label_smoothing=0.1, divergence=divergence, beta=0.3)
+    kw = dict(temperature=2.0, hard_weight=0.5, label_smoothing=0.1, divergence=divergence, beta=0.3, skew=0.2)
     p = kd_settings(**kw).kernel_params()
     divisor = torch.tensor(7.0)
     fused = _fused(backend, z, t, y, p, divisor)

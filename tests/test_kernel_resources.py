@@ -35,7 +35,7 @@ def test_cuda_kernels_compile_for_sm90_without_spills(tmp_path):
     rows = json.loads(out.read_text())["cuda"]
     kinds = {name: [row for row in rows if f"{name}<" in row["kernel"]]
              for name in ("kd_rows_kernel", "scale_rows_kernel", "topk_kernel", "sample_kernel", "sparse_kernel")}
-    assert len(kinds["kd_rows_kernel"]) == 12 and all(len(v) == 3 for k, v in kinds.items() if k != "kd_rows_kernel")
+    assert len(kinds["kd_rows_kernel"]) == 3 * 7 and all(len(v) == 3 for k, v in kinds.items() if k != "kd_rows_kernel")
     for row in rows:
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row["kernel"]
         assert row["registers"] and row["registers"] <= 255
@@ -47,9 +47,10 @@ def test_cuda_kernels_compile_for_sm90_without_spills(tmp_path):
 
 @pytest.mark.slow
 def test_triton_kd_configs_spill_nothing_and_keep_16_byte_loads():
-    """Every autotune candidate of the Triton kd kernel, in its worst cases (JSD with the teacher's
-    gradient, without and with softcap, whose candidates differ), built for sm_90 in a fresh process
-    (Triton's interpreter is on in this one)."""
+    """Every autotune candidate of the Triton kd kernel, in its worst cases (JSD and skew reverse KL
+    with the teacher's gradient, the divergences with the most live values, without and with softcap,
+    whose candidates differ), built for sm_90 in a fresh process (Triton's interpreter is on in this
+    one)."""
     pytest.importorskip("triton")
     code = (
         "import importlib.util, json, sys\n"
@@ -58,8 +59,9 @@ def test_triton_kd_configs_spill_nothing_and_keep_16_byte_loads():
         "out = []\n"
         "for dtype, vocab, cap in (('bf16', 50257, False), ('fp32', 128256, False), ('bf16', 50257, True),\n"
         "                          ('fp32', 50257, True)):\n"
-        "    for row in kr.triton_kd_configs('90', dtype, vocab, 2, True, cap):\n"
-        "        out.append(dict(row, case=f'{dtype} V={vocab} softcap={cap}'))\n"
+        "    for div in (2, 5):\n"
+        "        for row in kr.triton_kd_configs('90', dtype, vocab, div, True, cap):\n"
+        "            out.append(dict(row, case=f'{dtype} V={vocab} softcap={cap}', div=div))\n"
         "print(json.dumps(out))\n")
     from test_capture import _triton_ptxas
 
@@ -71,8 +73,10 @@ def test_triton_kd_configs_spill_nothing_and_keep_16_byte_loads():
     rows = json.loads(r.stdout.strip().splitlines()[-1])
     assert {row["case"] for row in rows} == {"bf16 V=50257 softcap=False", "fp32 V=128256 softcap=False",
                                               "bf16 V=50257 softcap=True", "fp32 V=50257 softcap=True"}
-    assert len(rows) >= 12
+    assert len(rows) >= 20 and {row["div"] for row in rows} == {2, 5}
     for row in rows:
         assert row["spill_instructions"] == 0, row
         assert row["v4_loads"] > 0, row  # the row body is read with 16-byte loads, odd V included
-    assert len({row["cubin"] for row in rows}) == len(rows)  # no two configs build the same code
+    for div in (2, 5):  # no two configs build the same code
+        mine = [row["cubin"] for row in rows if row["div"] == div]
+        assert len(set(mine)) == len(mine)

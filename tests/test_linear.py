@@ -16,7 +16,7 @@ from fastkd.linear import fused_linear_kd_loss, pick_chunk_size
 
 CPU = torch.device("cpu")
 BACKENDS = ["torch", "cpu"]
-DIVS = ["forward_kl", "reverse_kl", "jsd"]
+DIVS = ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"]
 REDS = ["mean", "sum", "none"]
 # subprocesses import the same fastkd as this process, installed or not
 _PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastkd.__file__)))
@@ -108,13 +108,13 @@ def assert_matches(got, ref, rtol=2e-5, what=""):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", DIVS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_reference(backend, divergence, reduction):
     # odd N, a chunk that does not divide it, trainable teacher, scattered ignored rows
     tensors, y = make_problem(37, 24, 20, 101, seed=10 * DIVS.index(divergence) + REDS.index(reduction),
                               teacher_grad=True, ignore_every=4, scale=3.0)
-    kw = dict(temperature=1.7, soft_weight=0.8, hard_weight=0.35, divergence=divergence, beta=0.3,
+    kw = dict(temperature=1.7, soft_weight=0.8, hard_weight=0.35, divergence=divergence, beta=0.3, skew=0.25,
               label_smoothing=0.05, reduction=reduction)
     g = torch.randn(37, dtype=torch.float64) if reduction == "none" else torch.tensor(0.7, dtype=torch.float64)
     got = fused(tensors, y, grad_out=g, chunk_size=13, backend=backend, **kw)

@@ -5,9 +5,11 @@
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <string>
 #include <utility>
 
 #include "bind/bind.h"
+#include "common/kd_math.h"
 #include "cpu/kd.h"
 #ifdef FASTKD_WITH_CUDA
 #include "cuda/kd.h"
@@ -24,13 +26,17 @@ namespace {
 // or a slice that is the whole row); the target is optional (0: soft loss only).
 KDProblem kd_problem(int mode, int64_t student, int64_t teacher, int64_t target, int64_t divisor, int64_t loss,
                      int64_t grad_student, int64_t grad_teacher, int64_t stats_out, int64_t stats_in,
-                     int64_t jsd_out, int64_t jsd_in, int64_t n, int64_t vocab, int64_t stride_student,
+                     int64_t sums_out, int64_t sums_in, int64_t n, int64_t vocab, int64_t stride_student,
                      int64_t stride_teacher, int64_t stride_grad_student, int64_t stride_grad_teacher,
                      int64_t col_offset, int64_t vocab_total, int dtype, double temperature, double soft_scale,
                      double hard_weight, int divergence, double beta, int64_t ignore_index,
                      double label_smoothing, double softcap) {
   if (mode < kFused || mode > kFinish)
-    throw std::invalid_argument("kd: mode must be 0 (fused), 1 (stats), 2 (JSD sums) or 3 (finish)");
+    throw std::invalid_argument("kd: mode must be 0 (fused), 1 (stats), 2 (divergence sums) or 3 (finish)");
+  if (divergence < 0 || divergence >= kNumDivergences)
+    throw std::invalid_argument("kd: divergence code must lie in [0, " + std::to_string(kNumDivergences) + ")");
+  if (mode == kDivSums && !has_sums_pass(divergence))
+    throw std::invalid_argument("kd: mode 2 (divergence sums) needs a divergence with a sums pass");
   KDProblem p{};
   p.mode = mode;
   p.dtype = dtype;
@@ -43,8 +49,8 @@ KDProblem kd_problem(int mode, int64_t student, int64_t teacher, int64_t target,
   p.grad_t = as_ptr<void>(grad_teacher);
   p.stats_out = as_ptr<void>(stats_out);
   p.stats_in = as_ptr<const void>(stats_in);
-  p.jsd_out = as_ptr<void>(jsd_out);
-  p.jsd_in = as_ptr<const void>(jsd_in);
+  p.sums_out = as_ptr<void>(sums_out);
+  p.sums_in = as_ptr<const void>(sums_in);
   p.n = n;
   p.v = vocab;
   p.stride_z = stride_student;
@@ -66,12 +72,12 @@ KDProblem kd_problem(int mode, int64_t student, int64_t teacher, int64_t target,
 }
 
 // Defines a kd entry: the keywords of kd_problem, in its order, then the device's own (`device_args`).
-// Stats and JSD tensors are (n, KD_STATS_WIDTH) / (n, 2), float32 (float64 for float64 logits).
+// Stats and divergence-sum tensors are (n, KD_STATS_WIDTH) / (n, 2), float32 (float64 for float64 logits).
 template <typename F, typename... DeviceArgs>
 void def_kd(py::module_& m, const char* name, F&& f, const char* doc, DeviceArgs&&... device_args) {
   m.def(name, std::forward<F>(f), doc, py::kw_only(), py::arg("mode"), py::arg("student"), py::arg("teacher"),
         py::arg("target"), py::arg("divisor"), py::arg("loss"), py::arg("grad_student"), py::arg("grad_teacher"),
-        py::arg("stats_out") = 0, py::arg("stats_in") = 0, py::arg("jsd_out") = 0, py::arg("jsd_in") = 0,
+        py::arg("stats_out") = 0, py::arg("stats_in") = 0, py::arg("sums_out") = 0, py::arg("sums_in") = 0,
         py::arg("n"), py::arg("vocab"), py::arg("stride_student"), py::arg("stride_teacher"),
         py::arg("stride_grad_student"), py::arg("stride_grad_teacher"), py::arg("col_offset") = 0,
         py::arg("vocab_total") = -1, py::arg("dtype"), py::arg("temperature"), py::arg("soft_scale"),
@@ -85,13 +91,13 @@ void bind_kd(py::module_& m) {
   def_kd(
       m, "kd_cpu",
       [](int mode, int64_t student, int64_t teacher, int64_t target, int64_t divisor, int64_t loss,
-         int64_t grad_student, int64_t grad_teacher, int64_t stats_out, int64_t stats_in, int64_t jsd_out,
-         int64_t jsd_in, int64_t n, int64_t vocab, int64_t stride_student, int64_t stride_teacher,
+         int64_t grad_student, int64_t grad_teacher, int64_t stats_out, int64_t stats_in, int64_t sums_out,
+         int64_t sums_in, int64_t n, int64_t vocab, int64_t stride_student, int64_t stride_teacher,
          int64_t stride_grad_student, int64_t stride_grad_teacher, int64_t col_offset, int64_t vocab_total,
          int dtype, double temperature, double soft_scale, double hard_weight, int divergence, double beta,
          int64_t ignore_index, double label_smoothing, double softcap, int num_threads) {
         KDProblem p = kd_problem(mode, student, teacher, target, divisor, loss, grad_student, grad_teacher,
-                                 stats_out, stats_in, jsd_out, jsd_in, n, vocab, stride_student, stride_teacher,
+                                 stats_out, stats_in, sums_out, sums_in, n, vocab, stride_student, stride_teacher,
                                  stride_grad_student, stride_grad_teacher, col_offset, vocab_total, dtype,
                                  temperature, soft_scale, hard_weight, divergence, beta, ignore_index,
                                  label_smoothing, softcap);
@@ -100,7 +106,7 @@ void bind_kd(py::module_& m) {
         kd_run_cpu(p);
       },
       "kd loss rows and gradients on the CPU: mode 0 fused (stats and finish in one sweep per row), or one "
-      "phase of the vocab-parallel loss over a slice at col_offset: 1 stats, 2 JSD sums, 3 finish.",
+      "phase of the vocab-parallel loss over a slice at col_offset: 1 stats, 2 divergence sums, 3 finish.",
       py::arg("num_threads"));
   m.attr("KD_STATS_WIDTH") = kStatsWidth;
   m.def(
@@ -117,13 +123,13 @@ void bind_kd(py::module_& m) {
   def_kd(
       m, "kd_cuda",
       [](int mode, int64_t student, int64_t teacher, int64_t target, int64_t divisor, int64_t loss,
-         int64_t grad_student, int64_t grad_teacher, int64_t stats_out, int64_t stats_in, int64_t jsd_out,
-         int64_t jsd_in, int64_t n, int64_t vocab, int64_t stride_student, int64_t stride_teacher,
+         int64_t grad_student, int64_t grad_teacher, int64_t stats_out, int64_t stats_in, int64_t sums_out,
+         int64_t sums_in, int64_t n, int64_t vocab, int64_t stride_student, int64_t stride_teacher,
          int64_t stride_grad_student, int64_t stride_grad_teacher, int64_t col_offset, int64_t vocab_total,
          int dtype, double temperature, double soft_scale, double hard_weight, int divergence, double beta,
          int64_t ignore_index, double label_smoothing, double softcap, int device, int64_t stream) {
         const KDProblem p = kd_problem(mode, student, teacher, target, divisor, loss, grad_student, grad_teacher,
-                                       stats_out, stats_in, jsd_out, jsd_in, n, vocab, stride_student,
+                                       stats_out, stats_in, sums_out, sums_in, n, vocab, stride_student,
                                        stride_teacher, stride_grad_student, stride_grad_teacher, col_offset,
                                        vocab_total, dtype, temperature, soft_scale, hard_weight, divergence, beta,
                                        ignore_index, label_smoothing, softcap);
@@ -131,7 +137,7 @@ void bind_kd(py::module_& m) {
         kd_run_cuda(p, device, stream);
       },
       "kd loss rows and gradients on the GPU (one block per row, enqueued on `stream`): mode 0 fused, or one "
-      "phase of the vocab-parallel loss: 1 stats, 2 JSD sums, 3 finish (float32 stats and sums).",
+      "phase of the vocab-parallel loss: 1 stats, 2 divergence sums, 3 finish (float32 stats and sums).",
       py::arg("device"), py::arg("stream"));
   m.def(
       "scale_rows_cuda",

@@ -23,8 +23,11 @@
 
 #if defined(__CUDACC__)
 #define FASTKD_HD __host__ __device__ __forceinline__
+#define FASTKD_HD_ELEM __host__ __device__ __forceinline__
 #else
 #define FASTKD_HD inline
+// element formulas run on the CPU kernel's vector packs inside AVX2 clones: always inlined there
+#define FASTKD_HD_ELEM inline __attribute__((always_inline))
 #endif
 
 namespace fastkd {
@@ -128,6 +131,100 @@ FASTKD_HD RowFinal<T> finalize(const RowStats<T>& s, const KDArgs& a, int64_t vo
     if (eps > T(0)) f.ce += eps * ((f.m_1 - s.sum_z / T(vocab)) + f.log_d1);
   }
   return f;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Divergences with a sums pass (JSD, TVD, skew KL). Their summands depend on the row's final
+// normalisers (log m needs log p and log q; the sign of p − q needs both probabilities), so no
+// statistic of pass 1 gives them: each kernel runs one more pass over the row for the two sums
+// below, then the gradient pass, which needs them too. The vocab-parallel loss sums them over the
+// shards in one all-reduce of (n, 2). With p teacher, q student, w the mixture weight (JSD's β,
+// skew KL's α) and m the mixture (w·p + (1−w)·q; w·q + (1−w)·p for skew reverse KL):
+//
+//   divergence   s0               s1               D
+//   JSD          Σ q·log(q/m)     Σ p·log(p/m)     w·s1 + (1−w)·s0
+//   TVD          Σ |p − q|        Σ q·sgn(p − q)   s0 / 2
+//   skew fwd     Σ p·log(p/m)     Σ p·q/m          s0
+//   skew rev     Σ q·log(q/m)     Σ q·p/m          s0
+//
+// Gradients w.r.t. the scaled logits s = x/τ (g student, h teacher), from ∂D/∂q and the softmax
+// Jacobian, with r = (own side)/m:
+//   JSD       g = (1−w)·q·(log(q/m) − s0)           h = w·p·(log(p/m) − s1)
+//   TVD       g = −q·(sgn − s1)/2                    h = p·(sgn − (s0 + s1))/2     (Σ p·sgn = s0 + s1)
+//   skew fwd  g = (1−w)·q·(s1 − r)                  h = p·(log(p/m) − s0 + 1 − w·r − (1−w)·s1)
+//   skew rev  g = q·(log(q/m) − s0 + 1 − w·r − (1−w)·s1)   h = (1−w)·p·(s1 − r)
+// (the skew rows use w·Σ own²/m = 1 − (1−w)·s1). TVD's subgradient at p_i = q_i takes sgn(0) = 0,
+// so identical rows get a zero gradient.
+// ------------------------------------------------------------------------------------------------
+FASTKD_HD bool has_sums_pass(int div) {
+  return div == kJSD || div == kTVD || div == kSkewForwardKL || div == kSkewReverseKL;
+}
+
+// The side the mixture weight w multiplies in m: the student's for skew reverse KL, else the teacher's.
+FASTKD_HD bool mix_own_is_student(int div) { return div == kSkewReverseKL; }
+
+// D of a divergence with a sums pass, from the row's sums (clamped at 0 against rounding).
+template <typename T>
+FASTKD_HD T sums_divergence(int div, T w, T s0, T s1) {
+  T d = div == kJSD ? w * s1 + (T(1) - w) * s0 : div == kTVD ? T(0.5) * s0 : s0;
+  return d > T(0) ? d : T(0);
+}
+
+// One element's share of (s0, s1). V: a float or a vector pack (then S is its scalar type); lm is
+// log m (unused by TVD); zero is V's zero.
+template <typename V, typename S>
+FASTKD_HD_ELEM void sums_terms(int div, V q, V p, V lq, V lp, V lm, S w, V zero, V& s0, V& s1) {
+  if (div == kTVD) {
+    const V d = p - q, one = zero + S(1);
+    const V sg = d > S(0) ? one : (d < S(0) ? zero - one : zero);
+    s0 += d > S(0) ? d : zero - d;
+    s1 += q * sg;
+    return;
+  }
+  const bool own_q = mix_own_is_student(div);
+  const V a = own_q ? q : p, b = own_q ? p : q, la = own_q ? lq : lp;
+  if (div == kJSD) {
+    s0 += q > S(0) ? q * (lq - lm) : zero;
+    s1 += p > S(0) ? p * (lp - lm) : zero;
+    return;
+  }
+  // m > 0 rather than a > 0: w·a can underflow to 0 for a tiny a > 0, and a·b/0 would be NaN
+  const V m = w * a + (S(1) - w) * b;
+  s0 += a > S(0) ? a * (la - lm) : zero;
+  s1 += m > S(0) ? a * b / m : zero;
+}
+
+// One element's gradient w.r.t. s_z (g) and s_t (h) of a divergence with a sums pass, before the
+// soft weight and 1/τ. want_t false: h is left as zero.
+template <typename V, typename S>
+FASTKD_HD_ELEM void sums_grad(int div, V q, V p, V lq, V lp, V lm, S w, S s0, S s1, V zero, bool want_t,
+                              V& g, V& h) {
+  h = zero;
+  if (div == kTVD) {
+    const V d = p - q, one = zero + S(1);
+    const V sg = d > S(0) ? one : (d < S(0) ? zero - one : zero);
+    g = S(-0.5) * q * (sg - s1);
+    if (want_t) h = S(0.5) * p * (sg - (s0 + s1));
+    return;
+  }
+  if (div == kJSD) {
+    g = q > S(0) ? (S(1) - w) * q * ((lq - lm) - s0) : zero;
+    if (want_t) h = p > S(0) ? w * p * ((lp - lm) - s1) : zero;
+    return;
+  }
+  // skew KL: a the side w multiplies in m (the divergence's first argument), b the other one
+  const bool own_q = mix_own_is_student(div);
+  const V a = own_q ? q : p, b = own_q ? p : q;
+  const V m = w * a + (S(1) - w) * b;
+  const V r = m > S(0) ? a / m : zero;  // (a tiny a > 0 can give m = 0: see sums_terms)
+  const S c = S(1) - (S(1) - w) * s1 - s0;  // the a side's row constant
+  if (own_q) {
+    g = a > S(0) ? a * ((lq - lm) + c - w * r) : zero;
+    if (want_t) h = (S(1) - w) * b * (s1 - r);
+  } else {
+    g = (S(1) - w) * b * (s1 - r);
+    if (want_t) h = a > S(0) ? a * ((lp - lm) + c - w * r) : zero;
+  }
 }
 
 }  // namespace fastkd

@@ -18,9 +18,15 @@ enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 // ------------------------------------------------------------------------------------------------
 // kd: the dense fused loss and its shard phases (cpu/kd.h, cuda/kd.h)
 // ------------------------------------------------------------------------------------------------
-enum Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+// p teacher, q student: KL(p‖q), KL(q‖p), JSD_β, ½Σ|p − q|, KL(p‖αp + (1−α)q), KL(q‖αq + (1−α)p).
+// The last four need the row's final normalisers before their sums can start (has_sums_pass).
+enum Divergence : int {
+  kForwardKL = 0, kReverseKL = 1, kJSD = 2, kTVD = 3, kSkewForwardKL = 4, kSkewReverseKL = 5
+};
+constexpr int kNumDivergences = 6;
 
-// Scalar settings of one call. soft_scale = soft_weight · (τ² if t2_scale); softcap 0 means none.
+// Scalar settings of one call. soft_scale = soft_weight · (τ² if t2_scale); softcap 0 means none;
+// beta is the divergence's mixture weight (JSD's β, skew KL's α).
 // Held in double so float64 inputs see the exact Python values; float kernels round them once.
 struct KDArgs {
   double temperature;
@@ -41,9 +47,10 @@ constexpr int kStatsWidth = 11;
 // What one call computes. Pointers may be null where the mode does not use them.
 //   kFused : stats + finish per row (the single-device loss): loss, grad_z, grad_t (optional)
 //   kStats : partial RowStats of a vocabulary slice per row -> stats_out (n, kStatsWidth)
-//   kJSDSums: given merged stats, partial [S_q, S_p] of the slice -> jsd_out (n, 2)
-//   kFinish: given merged stats (+ summed JSD sums), the slice's gradient and the row loss
-enum Mode : int { kFused = 0, kStats = 1, kJSDSums = 2, kFinish = 3 };
+//   kDivSums: given merged stats, the slice's part of the divergence's two sums -> sums_out (n, 2)
+//            (divergences with has_sums_pass; the sums are listed in common/kd_math.h, DivSums)
+//   kFinish: given merged stats (+ the summed divergence sums), the slice's gradient and the row loss
+enum Mode : int { kFused = 0, kStats = 1, kDivSums = 2, kFinish = 3 };
 
 struct KDProblem {
   int mode;
@@ -56,9 +63,9 @@ struct KDProblem {
   void* grad_z;            // (n, v) input dtype, row stride stride_gz
   void* grad_t;            // (n, v) or null
   void* stats_out;         // kStats
-  const void* stats_in;    // kJSDSums / kFinish: merged stats (n, kStatsWidth)
-  void* jsd_out;           // kJSDSums
-  const void* jsd_in;      // kFinish with JSD: summed [S_q, S_p] (n, 2)
+  const void* stats_in;    // kDivSums / kFinish: merged stats (n, kStatsWidth)
+  void* sums_out;          // kDivSums
+  const void* sums_in;     // kFinish of a divergence with has_sums_pass: the summed sums (n, 2)
   int64_t n, v;
   int64_t stride_z, stride_t, stride_gz, stride_gt;
   int64_t col_offset;      // first global column of this slice

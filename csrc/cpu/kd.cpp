@@ -1,12 +1,13 @@
 // Fused CPU knowledge-distillation loss: temperature softmaxes of student and teacher, KL(p‖q),
-// KL(q‖p) or JSD(β), the label-smoothed hard cross-entropy, and the gradient w.r.t. both logits,
-// in one sweep per row.
+// KL(q‖p), JSD(β), total variation or skew KL(α), the label-smoothed hard cross-entropy, and the
+// gradient w.r.t. both logits, in one sweep per row.
 //
 // Never materialised: p, q, log-probabilities, the softcapped logits, any float32 upcast of a
 // bf16/fp16 row. The only N×V memory written is the gradient itself (input dtype).
 //
 // Passes over each row: pass 1 reads z and t once for the online statistics; the gradient pass
-// follows (and for JSD a pass for S = KL(q‖m), which needs the final normalisers). Exponentials,
+// follows. JSD, TVD and skew KL put a sums pass between them (their summands need the final
+// normalisers: common/kd_math.h), so they take three passes, the KLs two. Exponentials,
 // not memory, bind on CPU: a V = 32000 float32 row pair is 256 KB and the later passes hit L2. So
 // pass 1 keeps its exponentials (a per-thread row cache, RowCache below) and the later passes turn
 // them into p and q with one multiply each: one exp per element and distribution in all, where
@@ -273,7 +274,7 @@ struct RowCache {
   Acc* mt = nullptr;
   Acc* fz = nullptr;  // the per-chunk factors, filled once the row's normalisers are known
   Acc* ft = nullptr;
-  Acc* lm = nullptr;  // JSD: log m per element, from the S_q/S_p pass for the gradient pass
+  Acc* lm = nullptr;  // JSD, skew KL: log m per element, from the sums pass for the gradient pass
 };
 
 // A thread's cache storage, grown to the largest row it has seen and kept for later calls (OpenMP
@@ -444,56 +445,79 @@ FASTKD_INLINE bool row_stats(const In* z, const In* t, int64_t v, int64_t y_loca
   return P::max(nanv) != Acc(0);
 }
 
-// JSD's S_q = Σ q·log(q/m), S_p = Σ p·log(p/m) over a slice, given the row's final normalisers.
+// Whether a divergence's sums and gradient use log m (JSD, skew KL; TVD needs only p and q).
+FASTKD_INLINE bool uses_log_mix(int div) { return div == kJSD || div == kSkewForwardKL || div == kSkewReverseKL; }
+
+// log m of the divergence at one element: log(w·own + (1−w)·other), own = p except for skew reverse KL.
+template <typename Acc, typename P = Pack<Acc>>
+FASTKD_INLINE typename P::T mix_log(int div, typename P::T lp, typename P::T lq, Acc lw, Acc lw1) {
+  return mix_own_is_student(div) ? log_mix<Acc>(lq, lp, lw, lw1) : log_mix<Acc>(lp, lq, lw, lw1);
+}
+
+// The divergence's two sums over a slice (common/kd_math.h: sums_terms), given the row's final
+// normalisers. With the row cache, p and q come from pass 1's exponentials, and the logits are read
+// again only for the log-probabilities that log m needs (TVD reads nothing).
 template <typename In, typename Acc>
-FASTKD_INLINE void row_jsd_sums(const In* z, const In* t, int64_t v, const Ctx<Acc>& c,
-                                const RowFinal<Acc>& f, Acc& out_sq, Acc& out_sp,
+FASTKD_INLINE void row_div_sums(const In* z, const In* t, int64_t v, const Ctx<Acc>& c,
+                                const RowFinal<Acc>& f, Acc& out_s0, Acc& out_s1,
                                 const RowCache<Acc>* rc = nullptr) {
   using P = Pack<Acc>;
   using T = typename P::T;
   alignas(64) Acc zb[kChunk], tb[kChunk], sz[kChunk], st[kChunk];
-  const Acc lb = std::log(c.beta), lb1 = std::log1p(-c.beta);
-  T sq = P::set(0), sp = P::set(0);
+  const Acc lw = std::log(c.beta), lw1 = std::log1p(-c.beta);
+  const bool logs = uses_log_mix(c.div);
+  const bool read_rows = rc == nullptr || logs;
+  const T zero = P::set(0);
+  T s0 = zero, s1 = zero;
   for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
     const int n = int(std::min<int64_t>(kChunk, v - j0));
-    load_chunk<In, Acc>(z + j0, n, c, zb, sz);
-    const int np = load_chunk<In, Acc>(t + j0, n, c, tb, st);
+    const int np = (n + P::W - 1) / P::W * P::W;
+    if (read_rows) {
+      load_chunk<In, Acc>(z + j0, n, c, zb, sz);
+      load_chunk<In, Acc>(t + j0, n, c, tb, st);
+    }
     const int64_t k = j0 / kChunk;
     for (int i = 0; i < np; i += P::W) {
-      T lq = (P::load(sz + i) - f.m_z) - f.log_dz, lp = (P::load(st + i) - f.m_t) - f.log_dt;
-      T q, p;
+      T lq = zero, lp = zero, lm = zero, q, p;
+      if (read_rows) {
+        lq = (P::load(sz + i) - f.m_z) - f.log_dz;
+        lp = (P::load(st + i) - f.m_t) - f.log_dt;
+      }
       probs<Acc>(rc, j0 + i, k, lq, lp, q, p);
-      T lm = log_mix<Acc>(lp, lq, lb, lb1);
-      if (rc != nullptr) P::put(rc->lm + j0 + i, lm);
-      sq += q > Acc(0) ? q * (lq - lm) : P::set(0);
-      sp += p > Acc(0) ? p * (lp - lm) : P::set(0);
+      if (logs) {
+        lm = mix_log<Acc>(c.div, lp, lq, lw, lw1);
+        if (rc != nullptr) P::put(rc->lm + j0 + i, lm);
+      }
+      sums_terms(c.div, q, p, lq, lp, lm, c.beta, zero, s0, s1);
     }
   }
-  out_sq = P::sum(sq);
-  out_sp = P::sum(sp);
+  out_s0 = P::sum(s0);
+  out_s1 = P::sum(s1);
 }
 
-// Gradient write of one row slice (the last pass); sq/sp are JSD's S_q/S_p.
+// Gradient write of one row slice (the last pass); s0/s1 are the sums of a divergence with a sums pass.
 template <typename In, typename Acc>
 FASTKD_INLINE void row_grad(const In* z, const In* t, In* gz, In* gt, int64_t v, int64_t y_local,
-                            const Ctx<Acc>& c, const RowFinal<Acc>& f, Acc sq, Acc sp,
+                            const Ctx<Acc>& c, const RowFinal<Acc>& f, Acc s0, Acc s1,
                             const RowCache<Acc>* rc = nullptr) {
   using P = Pack<Acc>;
   using T = typename P::T;
   alignas(64) Acc zb[kChunk], tb[kChunk], sz[kChunk], st[kChunk], g[kChunk], h[kChunk];
   alignas(64) Acc dzc[kChunk], dtc[kChunk];  // softcap derivatives
   const Acc soft = c.soft, hard = c.use_hard ? c.hard : Acc(0), eps_v = c.eps_over_v;
-  const Acc b = c.beta, b1 = Acc(1) - c.beta;
-  const Acc lb = std::log(c.beta), lb1 = std::log1p(-c.beta);
+  const Acc lw = std::log(c.beta), lw1 = std::log1p(-c.beta);
   const Acc inv_div = c.inv_div;
   const bool has_cap = c.cap > Acc(0);
   const bool want_t = gt != nullptr && c.teacher_grad;
   const Acc k_pow = c.tau_pow ? std::exp(Acc(c.tau_pow) * f.log_dz - f.log_d1) : Acc(0);
   const T zero = P::set(0);
-  // With the cache, forward KL needs the logits again only for the teacher's gradient (its log
-  // ratio), the softcap's derivative, or a τ whose hard-term softmax is not a power of q.
+  // With the cache, forward KL, TVD and skew forward KL need the logits again only for the teacher's
+  // gradient (a log-probability), the softcap's derivative, or a τ whose hard-term softmax is not a
+  // power of q; reverse KL, JSD and skew reverse KL need log q for the student's.
   const bool hard_exp = hard != Acc(0) && !c.tau_one && !c.tau_pow;
-  const bool read_rows = rc == nullptr || c.div != kForwardKL || want_t || has_cap || hard_exp;
+  const bool student_logs = c.div == kReverseKL || c.div == kJSD || c.div == kSkewReverseKL;
+  const bool read_rows = rc == nullptr || student_logs || want_t || has_cap || hard_exp;
+  const bool sums = has_sums_pass(c.div), logs = uses_log_mix(c.div);
   for (int64_t j0 = 0; j0 < v; j0 += kChunk) {
     const int n = int(std::min<int64_t>(kChunk, v - j0));
     const int np = (n + P::W - 1) / P::W * P::W;
@@ -518,10 +542,14 @@ FASTKD_INLINE void row_grad(const In* z, const In* t, In* gz, In* gt, int64_t v,
       } else if (c.div == kReverseKL) {
         gs = q > Acc(0) ? soft * q * ((lq - lp) - f.kl_qp) : zero;
         ht = want_t ? soft * (p - q) : zero;
+      } else if (sums) {
+        T lm = zero;
+        if (logs) lm = rc != nullptr ? P::load(rc->lm + j0 + i) : mix_log<Acc>(c.div, lp, lq, lw, lw1);
+        sums_grad(c.div, q, p, lq, lp, lm, c.beta, s0, s1, zero, want_t, gs, ht);
+        gs *= soft;
+        ht *= soft;
       } else {
-        T lm = rc != nullptr ? P::load(rc->lm + j0 + i) : log_mix<Acc>(lp, lq, lb, lb1);
-        gs = q > Acc(0) ? (soft * b1) * q * ((lq - lm) - sq) : zero;
-        ht = want_t && p > Acc(0) ? (soft * b) * p * ((lp - lm) - sp) : zero;
+        gs = ht = zero;
       }
       if (hard != Acc(0)) {
         T sm;
@@ -615,8 +643,8 @@ FASTKD_INLINE void run_rows(const KDProblem& P, int64_t r0, int64_t r1) {
     }
     if (ignored) {  // contributes nothing, not even NaN
       if (loss) *loss = Acc(0);
-      if (P.mode == kJSDSums) {
-        Acc* jo = static_cast<Acc*>(P.jsd_out) + 2 * r;
+      if (P.mode == kDivSums) {
+        Acc* jo = static_cast<Acc*>(P.sums_out) + 2 * r;
         jo[0] = jo[1] = Acc(0);
       } else {
         zero_row(gz, v);
@@ -627,9 +655,10 @@ FASTKD_INLINE void run_rows(const KDProblem& P, int64_t r0, int64_t r1) {
 
     RowStats<Acc> s;
     bool has_nan;
-    // the cache pays off when a later pass re-reads the row: the gradient, or JSD's sums
+    // the cache pays off when a later pass re-reads the row: the gradient, or a divergence's sums
+    const bool sums = has_sums_pass(c.div);
     RowCache<Acc>* rcp = nullptr;
-    if (P.mode == kFused && !bad_target && (gz != nullptr || c.div == kJSD)) rcp = &rc;
+    if (P.mode == kFused && !bad_target && (gz != nullptr || sums)) rcp = &rc;
     if (P.mode == kFused) {
       has_nan = row_stats<In, Acc>(z, t, v, y_local, c, s, rcp);
     } else {
@@ -640,25 +669,24 @@ FASTKD_INLINE void run_rows(const KDProblem& P, int64_t r0, int64_t r1) {
     RowFinal<Acc> f = finalize(s, a, P.vocab_total, c.tau_one);
     if (rcp != nullptr && (has_nan || !cache_factors(rc, v, f))) rcp = nullptr;
 
-    Acc sq = 0, sp = 0;
-    if (c.div == kJSD) {
-      if (P.mode == kFused || P.mode == kJSDSums) row_jsd_sums<In, Acc>(z, t, v, c, f, sq, sp, rcp);
-      if (P.mode == kJSDSums) {
-        Acc* jo = static_cast<Acc*>(P.jsd_out) + 2 * r;
-        jo[0] = sq;
-        jo[1] = sp;
+    Acc s0 = 0, s1 = 0;
+    if (sums) {
+      if (P.mode == kFused || P.mode == kDivSums) row_div_sums<In, Acc>(z, t, v, c, f, s0, s1, rcp);
+      if (P.mode == kDivSums) {
+        Acc* so = static_cast<Acc*>(P.sums_out) + 2 * r;
+        so[0] = s0;
+        so[1] = s1;
         continue;
       }
       if (P.mode == kFinish) {
-        const Acc* ji = static_cast<const Acc*>(P.jsd_in) + 2 * r;
-        sq = ji[0];
-        sp = ji[1];
+        const Acc* si = static_cast<const Acc*>(P.sums_in) + 2 * r;
+        s0 = si[0];
+        s1 = si[1];
       }
     }
-    Acc dsoft = c.div == kForwardKL ? f.kl_pq
-              : c.div == kReverseKL ? f.kl_qp
-                                    : c.beta * sp + (Acc(1) - c.beta) * sq;
-    if (c.div == kJSD && dsoft < Acc(0)) dsoft = Acc(0);
+    const Acc dsoft = c.div == kForwardKL ? f.kl_pq
+                    : c.div == kReverseKL ? f.kl_qp
+                                          : sums_divergence(c.div, c.beta, s0, s1);
     Acc row = Acc(a.soft_scale) * dsoft + (c.use_hard ? c.hard * f.ce : Acc(0));
     if (has_nan || bad_target) row = nan;
     if (loss) *loss = row * c.inv_div;
@@ -667,7 +695,7 @@ FASTKD_INLINE void run_rows(const KDProblem& P, int64_t r0, int64_t r1) {
       nan_row(gt, v);
       continue;
     }
-    if (gz != nullptr) row_grad<In, Acc>(z, t, gz, gt, v, y_local, c, f, sq, sp, rcp);
+    if (gz != nullptr) row_grad<In, Acc>(z, t, gz, gt, v, y_local, c, f, s0, s1, rcp);
   }
 }
 

@@ -1,5 +1,6 @@
 // Fused CUDA knowledge-distillation loss: temperature softmaxes of student and teacher, KL(p‖q),
-// KL(q‖p) or JSD(β), the label-smoothed hard cross-entropy, and the gradient w.r.t. both logits.
+// KL(q‖p), JSD(β), total variation or skew KL(α), the label-smoothed hard cross-entropy, and the
+// gradient w.r.t. both logits.
 //
 // Never materialised: p, q, m, any log-probability, the softcapped logits, any float32 copy of a
 // bf16/fp16 row. The only N×V memory written is the gradient itself, in the input dtype, rounded
@@ -7,11 +8,13 @@
 //
 // Structure: one thread block per row. Pass 1 reads the row once with 16-byte loads and
 // reduces it to a RowStats (online max + rescaled sums, per thread, then a fixed shuffle/shared
-// tree: bitwise deterministic, no atomics). JSD adds a pass for S_q/S_p. The last pass re-reads the
+// tree: bitwise deterministic, no atomics). JSD, TVD and skew KL add a pass for their two sums
+// (common/kd_math.h: they need the final normalisers), so they read the row three times, the KLs
+// twice. The last pass re-reads the
 // row and writes the gradient; it walks the row backwards, so the tail that pass 1 read last is
 // still in L2 when it is needed again. The same block body runs the four modes of KDProblem
-// (common/problems.h), so the vocab-parallel loss reuses it shard by shard (stats, [JSD sums],
-// finish).
+// (common/problems.h), so the vocab-parallel loss reuses it shard by shard (stats, [divergence
+// sums], finish).
 //
 // Preconditions: unit column stride; any row stride (16-byte loads are used when every row pointer
 // shares the same misalignment, scalar loads otherwise); 64-bit offsets everywhere; float32, bf16
@@ -38,7 +41,7 @@ using cuda_common::kFull;
 using cuda_common::to_f;
 using cuda_common::VecOf;
 
-constexpr int kAllStats = 3;  // "DIV" of the stats mode: accumulate a_z and a_t both
+constexpr int kAllStats = kNumDivergences;  // "DIV" of the stats mode: accumulate a_z and a_t both
 constexpr int kMaxThreads = 512;  // two blocks per SM overlap one row's reductions with another's loads
 
 // exp/log via the SFU (ex2/lg2.approx: ~2 ulp near the arguments that matter), flushing subnormals
@@ -83,7 +86,7 @@ struct Final {
   float m_z, m_t, m_1;
   float log_dz, log_dt, log_d1;
   float d;       // KL(p‖q) (forward) or KL(q‖p) (reverse): the constant of the gradient formulas
-  float sq, sp;  // JSD: KL(q‖m), KL(p‖m)
+  float s0, s1;  // the sums of a divergence with a sums pass (kd_math.h)
 };
 
 __device__ __forceinline__ float softcap(float x, const Consts& c) {
@@ -193,23 +196,25 @@ __device__ __forceinline__ void stats_chunk(RowStats<float>& s, const float (&zr
   }
 }
 
-__device__ __forceinline__ float jsd_log_m(float lq, float lp, float q, float p, const Consts& c) {
-  // log(βp + (1−β)q), bounded below by either term's own log so that an underflowed m never turns
-  // q·(log q − log m) into q·inf.
+// log m = log(w·own + (1−w)·other) (own: p, or q for skew reverse KL), bounded below by either
+// term's own log so that an underflowed m never turns q·(log q − log m) into q·inf.
+template <int DIV>
+__device__ __forceinline__ float mix_log(float lq, float lp, float q, float p, const Consts& c) {
+  if (mix_own_is_student(DIV))
+    return fmaxf(flog(c.beta * q + c.beta1 * p), fmaxf(lp + c.log_beta1, lq + c.log_beta));
   return fmaxf(flog(c.beta * p + c.beta1 * q), fmaxf(lq + c.log_beta1, lp + c.log_beta));
 }
 
-// JSD pass on K elements: S_q += q·log(q/m), S_p += p·log(p/m).
-template <int K>
-__device__ __forceinline__ void jsd_chunk(float& sq, float& sp, const float (&zr)[K], const float (&tr)[K],
-                                          const Consts& c, const Final& f) {
+// The sums pass on K elements (kd_math.h: sums_terms).
+template <int DIV, int K>
+__device__ __forceinline__ void sums_chunk(float& s0, float& s1, const float (&zr)[K], const float (&tr)[K],
+                                           const Consts& c, const Final& f) {
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     const float lq = (zr[i] * c.inv_t - f.m_z) - f.log_dz, lp = (tr[i] * c.inv_t - f.m_t) - f.log_dt;
     const float q = fexp(lq), p = fexp(lp);
-    const float lm = jsd_log_m(lq, lp, q, p, c);
-    sq += q > 0.f ? q * (lq - lm) : 0.f;
-    sp += p > 0.f ? p * (lp - lm) : 0.f;
+    const float lm = DIV == kTVD ? 0.f : mix_log<DIV>(lq, lp, q, p, c);
+    sums_terms(DIV, q, p, lq, lp, lm, c.beta, 0.f, s0, s1);
   }
 }
 
@@ -230,9 +235,10 @@ __device__ __forceinline__ void grad_chunk(float (&g)[K], float (&h)[K], const f
       gi = q > 0.f ? c.soft * q * ((lq - lp) - f.d) : 0.f;
       hi = c.soft * (p - q);
     } else {
-      const float lm = jsd_log_m(lq, lp, q, p, c);
-      gi = q > 0.f ? c.soft * c.beta1 * q * ((lq - lm) - f.sq) : 0.f;
-      hi = p > 0.f ? c.soft * c.beta * p * ((lp - lm) - f.sp) : 0.f;
+      const float lm = DIV == kTVD ? 0.f : mix_log<DIV>(lq, lp, q, p, c);
+      sums_grad(DIV, q, p, lq, lp, lm, c.beta, f.s0, f.s1, 0.f, c.teacher_grad, gi, hi);
+      gi *= c.soft;
+      hi *= c.soft;
     }
     if (c.use_hard) {
       const float q1 = c.tau_one ? q : fexp((zr[i] - f.m_1) - f.log_d1);
@@ -378,9 +384,9 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
     if (P.mode != kStats && ignored) {  // contributes nothing, not even NaN
       if (threadIdx.x == 0) {
         if (loss) *loss = 0.f;
-        if (P.mode == kJSDSums) reinterpret_cast<float2*>(P.jsd_out)[r] = make_float2(0.f, 0.f);
+        if (P.mode == kDivSums) reinterpret_cast<float2*>(P.sums_out)[r] = make_float2(0.f, 0.f);
       }
-      if (P.mode != kJSDSums) {
+      if (P.mode != kDivSums) {
         fill_row(gz, v, 0.f);
         fill_row(gt, v, 0.f);
       }
@@ -460,14 +466,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
     f.log_dt = rf.log_dt;
     f.log_d1 = rf.log_d1;
     f.d = DIV == kReverseKL ? rf.kl_qp : rf.kl_pq;
-    f.sq = f.sp = 0.f;
+    f.s0 = f.s1 = 0.f;
 
-    // ---- JSD: S_q, S_p need the final normalisers ----
-    if (DIV == kJSD) {
+    // ---- JSD, TVD, skew KL: their sums need the final normalisers ----
+    if (has_sums_pass(DIV)) {
       if (P.mode == kFinish) {
-        const float2 js = reinterpret_cast<const float2*>(P.jsd_in)[r];
-        f.sq = js.x;
-        f.sp = js.y;
+        const float2 js = reinterpret_cast<const float2*>(P.sums_in)[r];
+        f.s0 = js.x;
+        f.s1 = js.y;
       } else {
         float2 acc = make_float2(0.f, 0.f);
         int64_t k = threadIdx.x;
@@ -478,30 +484,30 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
           float zr[kVec], tr[kVec];
           convert<T, kVec>(z0, zr, c);
           convert<T, kVec>(t0, tr, c);
-          jsd_chunk<kVec>(acc.x, acc.y, zr, tr, c, f);
+          sums_chunk<DIV, kVec>(acc.x, acc.y, zr, tr, c, f);
           convert<T, kVec>(z1, zr, c);
           convert<T, kVec>(t1, tr, c);
-          jsd_chunk<kVec>(acc.x, acc.y, zr, tr, c, f);
+          sums_chunk<DIV, kVec>(acc.x, acc.y, zr, tr, c, f);
         }
         if (k < sp.nvec) {
           float zr[kVec], tr[kVec];
           const int64_t j = sp.head + k * kVec;
           load<T, kVec, false>(z + j, zr, c);
           load<T, kVec, false>(t + j, tr, c);
-          jsd_chunk<kVec>(acc.x, acc.y, zr, tr, c, f);
+          sums_chunk<DIV, kVec>(acc.x, acc.y, zr, tr, c, f);
         }
         for (int64_t i = threadIdx.x; i < sp.nscalar; i += blockDim.x) {
           float zr[1], tr[1];
           const int64_t j = sp.scalar_col(i);
           load<T, 1, false>(z + j, zr, c);
           load<T, 1, false>(t + j, tr, c);
-          jsd_chunk<1>(acc.x, acc.y, zr, tr, c, f);
+          sums_chunk<DIV, 1>(acc.x, acc.y, zr, tr, c, f);
         }
         acc = block_sum2(acc, fbuf);
-        f.sq = acc.x;
-        f.sp = acc.y;
-        if (P.mode == kJSDSums) {
-          if (threadIdx.x == 0) reinterpret_cast<float2*>(P.jsd_out)[r] = acc;
+        f.s0 = acc.x;
+        f.s1 = acc.y;
+        if (P.mode == kDivSums) {
+          if (threadIdx.x == 0) reinterpret_cast<float2*>(P.sums_out)[r] = acc;
           continue;
         }
       }
@@ -509,9 +515,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) kd_rows_kernel(KDProblem P, Co
 
     // ---- the row's loss ----
     if (threadIdx.x == 0 && loss != nullptr) {
-      float dsoft = DIV == kForwardKL ? rf.kl_pq : DIV == kReverseKL ? rf.kl_qp
-                                                                      : c.beta * f.sp + c.beta1 * f.sq;
-      if (DIV == kJSD && dsoft < 0.f) dsoft = 0.f;
+      const float dsoft = DIV == kForwardKL ? rf.kl_pq : DIV == kReverseKL ? rf.kl_qp
+                                                                            : sums_divergence(DIV, c.beta, f.s0, f.s1);
       float row = c.soft_scale * dsoft + (c.use_hard ? c.hard * rf.ce : 0.f);
       if (has_nan || bad_target) row = qnan;
       *loss = row * inv_div;
@@ -606,7 +611,7 @@ Consts make_consts(const KDProblem& P) {
   c.eps_over_v = a.label_smoothing / float(P.vocab_total);
   c.beta = a.beta;
   c.beta1 = 1.f - a.beta;
-  c.log_beta = std::log(a.beta);    // −inf at β = 0: the bound in jsd_log_m then drops out
+  c.log_beta = std::log(a.beta);    // −inf at w = 0: the bound in mix_log then drops out
   c.log_beta1 = std::log(1.f - a.beta);
   c.tau_one = a.temperature == 1.f;
   c.use_hard = a.has_target && a.hard_weight != 0.f;
@@ -636,14 +641,18 @@ void launch_dtype(const KDProblem& P, cudaStream_t stream) {
   const int threads = pick_threads<T>(P.v);
   const int64_t max_grid = 1 << 30;
   const unsigned grid = unsigned(P.n < max_grid ? P.n : max_grid);
-  int div = P.mode == kStats ? kAllStats : P.args.divergence;
-  if (P.mode == kJSDSums) div = kJSD;
+  const int div = P.mode == kStats ? kAllStats : P.args.divergence;
+  if (P.mode == kDivSums && !has_sums_pass(div))
+    throw std::invalid_argument("fastkd CUDA: the divergence-sums mode needs JSD, TVD or skew KL");
   switch (div) {
     case kForwardKL: kd_rows_kernel<T, kForwardKL><<<grid, threads, 0, stream>>>(P, c); break;
     case kReverseKL: kd_rows_kernel<T, kReverseKL><<<grid, threads, 0, stream>>>(P, c); break;
     case kJSD: kd_rows_kernel<T, kJSD><<<grid, threads, 0, stream>>>(P, c); break;
+    case kTVD: kd_rows_kernel<T, kTVD><<<grid, threads, 0, stream>>>(P, c); break;
+    case kSkewForwardKL: kd_rows_kernel<T, kSkewForwardKL><<<grid, threads, 0, stream>>>(P, c); break;
+    case kSkewReverseKL: kd_rows_kernel<T, kSkewReverseKL><<<grid, threads, 0, stream>>>(P, c); break;
     case kAllStats: kd_rows_kernel<T, kAllStats><<<grid, threads, 0, stream>>>(P, c); break;
-    default: throw std::invalid_argument("fastkd CUDA: divergence code must be 0, 1 or 2");
+    default: throw std::invalid_argument("fastkd CUDA: divergence code must lie in [0, 6)");
   }
 }
 

@@ -16,7 +16,7 @@ from .. import _ext
 from .._settings import KernelParams
 
 # Modes of the kd entries (csrc/common/problems.h: enum Mode).
-FUSED, STATS, JSD_SUMS, FINISH = 0, 1, 2, 3
+FUSED, STATS, DIV_SUMS, FINISH = 0, 1, 2, 3
 
 
 def ptr(t: Optional[torch.Tensor]) -> int:
@@ -29,13 +29,13 @@ def stride0(t: Optional[torch.Tensor]) -> int:
 
 def kd_args(student, teacher, target, divisor, loss, grad_student, grad_teacher, p: KernelParams, *,
             mode: int = FUSED, col_offset: int = 0, vocab_total: Optional[int] = None, stats_out=None,
-            stats_in=None, jsd_out=None, jsd_in=None) -> dict:
+            stats_in=None, sums_out=None, sums_in=None) -> dict:
     """Arguments of ``kd_cpu`` / ``kd_cuda``: (N, V) logits with a unit column stride; ``target``
     (N,) int64 or None; ``divisor`` a 0-d tensor (loss and gradients are divided by it)."""
     return dict(
         mode=mode, student=ptr(student), teacher=ptr(teacher), target=ptr(target), divisor=ptr(divisor),
         loss=ptr(loss), grad_student=ptr(grad_student), grad_teacher=ptr(grad_teacher),
-        stats_out=ptr(stats_out), stats_in=ptr(stats_in), jsd_out=ptr(jsd_out), jsd_in=ptr(jsd_in),
+        stats_out=ptr(stats_out), stats_in=ptr(stats_in), sums_out=ptr(sums_out), sums_in=ptr(sums_in),
         n=student.shape[0], vocab=student.shape[1], stride_student=student.stride(0),
         stride_teacher=teacher.stride(0), stride_grad_student=stride0(grad_student),
         stride_grad_teacher=stride0(grad_teacher), col_offset=int(col_offset),

@@ -10,7 +10,7 @@ import torch
 
 from .. import _ext
 from . import registry
-from ._kernel_args import FINISH, JSD_SUMS, STATS, capture_sample_args, capture_topk_args, kd_args, sparse_kd_args
+from ._kernel_args import FINISH, DIV_SUMS, STATS, capture_sample_args, capture_topk_args, kd_args, sparse_kd_args
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -21,7 +21,7 @@ def kd(student, teacher, target, divisor, loss, grad_s, grad_t, p) -> None:
 
 
 class _Shard:
-    """The vocab-parallel phases (``kd_shard``): statistics (N, KD_STATS_WIDTH), JSD sums (N, 2)
+    """The vocab-parallel phases (``kd_shard``): statistics (N, KD_STATS_WIDTH), divergence sums (N, 2)
     and finish, in the accumulation dtype of the logits."""
 
     @staticmethod
@@ -37,20 +37,20 @@ class _Shard:
                   stats_out=out)
         return out
 
-    def jsd_sums(self, student, teacher, target, merged, p, *, col_offset, vocab_total):
+    def div_sums(self, student, teacher, target, merged, p, *, col_offset, vocab_total):
         out = torch.empty(student.shape[0], 2, dtype=merged.dtype, device=student.device)
-        self._run(JSD_SUMS, student, teacher, target, p, col_offset=col_offset, vocab_total=vocab_total,
-                  stats_in=merged, jsd_out=out)
+        self._run(DIV_SUMS, student, teacher, target, p, col_offset=col_offset, vocab_total=vocab_total,
+                  stats_in=merged, sums_out=out)
         return out
 
-    def finish(self, student, teacher, target, merged, jsd_sums, divisor, p, *, col_offset, vocab_total,
+    def finish(self, student, teacher, target, merged, div_sums, divisor, p, *, col_offset, vocab_total,
                teacher_grad):
         loss = torch.empty(student.shape[0], dtype=merged.dtype, device=student.device)
         grad_s = torch.empty_like(student, memory_format=torch.contiguous_format)
         grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else None
         self._run(FINISH, student, teacher, target, p, col_offset=col_offset, vocab_total=vocab_total,
                   divisor=divisor.to(merged.dtype), loss=loss, grad_s=grad_s, grad_t=grad_t, stats_in=merged,
-                  jsd_in=jsd_sums)
+                  sums_in=div_sums)
         return loss, grad_s, grad_t
 
 

@@ -25,7 +25,7 @@ def kd(student, teacher, target, divisor, p) -> torch.Tensor:
     """Loss rows / divisor, differentiable w.r.t. both logits (``p``: KernelParams)."""
     rows = _kd.kd_loss_rows(student, teacher, target, temperature=p.temperature, soft_weight=p.soft_scale,
                             t2_scale=False, hard_weight=p.hard_weight,
-                            divergence=_DIVERGENCE_NAMES[p.divergence], beta=p.beta,
+                            divergence=_DIVERGENCE_NAMES[p.divergence], beta=p.beta, skew=p.beta,
                             ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
                             softcap=p.softcap or None)
     return rows / divisor.to(rows.dtype)
@@ -38,16 +38,17 @@ class _Shard:
         return _kd_shard.shard_stats(student, teacher, target, vocab_start=col_offset, temperature=p.temperature,
                                      softcap=p.softcap or None, ignore_index=p.ignore_index)
 
-    def jsd_sums(self, student, teacher, target, merged, p, *, col_offset, vocab_total):
-        return _kd_shard.shard_jsd_sums(student, teacher, merged, temperature=p.temperature,
-                                        softcap=p.softcap or None, beta=p.beta)
+    def div_sums(self, student, teacher, target, merged, p, *, col_offset, vocab_total):
+        return _kd_shard.shard_div_sums(student, teacher, merged, temperature=p.temperature,
+                                        softcap=p.softcap or None, divergence=_DIVERGENCE_NAMES[p.divergence],
+                                        weight=p.beta)
 
-    def finish(self, student, teacher, target, merged, jsd_sums, divisor, p, *, col_offset, vocab_total,
+    def finish(self, student, teacher, target, merged, div_sums, divisor, p, *, col_offset, vocab_total,
                teacher_grad):
         return _kd_shard.shard_finish(
-            student, teacher, target, merged, jsd_sums, divisor, vocab_start=col_offset, vocab_size=vocab_total,
+            student, teacher, target, merged, div_sums, divisor, vocab_start=col_offset, vocab_size=vocab_total,
             temperature=p.temperature, soft_scale=p.soft_scale, hard_weight=p.hard_weight,
-            divergence=_DIVERGENCE_NAMES[p.divergence], beta=p.beta, ignore_index=p.ignore_index,
+            divergence=_DIVERGENCE_NAMES[p.divergence], weight=p.beta, ignore_index=p.ignore_index,
             label_smoothing=p.label_smoothing, softcap=p.softcap or None, teacher_grad=teacher_grad)
 
 

@@ -34,21 +34,41 @@ def kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return _xlogy_diff(log_p.exp(), log_p, log_q).sum(-1)
 
 
-def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
-    """D(p, q) per row; p teacher, q student. JSD follows TRL's ``generalized_jsd_loss``."""
-    divergence = effective_divergence(divergence, beta)
+def _log_weight(w: float) -> float:
+    return math.log(w) if w > 0.0 else -math.inf
+
+
+def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w·a + (1−w)·b) elementwise from log a, log b; entries where a = b = 0 get a finite stand-in
+    (they carry no mass in any sum below, and logaddexp's backward would be NaN there)."""
+    both = torch.isneginf(log_a) & torch.isneginf(log_b)
+    zero = torch.zeros_like(log_a)
+    return torch.logaddexp(torch.where(both, zero, log_a) + _log_weight(w),
+                           torch.where(both, zero, log_b) + _log_weight(1.0 - w))
+
+
+def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float,
+                    skew: float = 0.1) -> torch.Tensor:
+    """D(p, q) per row; p teacher, q student.
+
+    ``jsd``: β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q (TRL's ``generalized_jsd_loss``);
+    ``tvd``: ½·Σ|p − q|; ``skew_forward_kl``: KL(p‖αp + (1−α)q); ``skew_reverse_kl``:
+    KL(q‖αq + (1−α)p) (α = ``skew``, DistiLLM's skew KL)."""
+    divergence = effective_divergence(divergence, beta, skew)
     if divergence == "forward_kl":
         return kl_rows(log_p, log_q)
     if divergence == "reverse_kl":
         return kl_rows(log_q, log_p)
     if divergence == "jsd":
-        # entries with no mass on either side are skipped below; give logaddexp finite inputs there
-        # so its backward does not produce NaN (exp(−inf − −inf))
-        both = torch.isneginf(log_p) & torch.isneginf(log_q)
-        zero = torch.zeros_like(log_p)
-        log_m = torch.logaddexp(torch.where(both, zero, log_p) + math.log(beta),
-                                torch.where(both, zero, log_q) + math.log1p(-beta))
+        log_m = log_mixture(log_p, log_q, beta)
         return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
+    if divergence == "tvd":
+        # autograd's d|x|/dx at x = 0 is 0: the subgradient the kernels use where p_i = q_i
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "skew_forward_kl":
+        return kl_rows(log_p, log_mixture(log_p, log_q, skew))
+    if divergence == "skew_reverse_kl":
+        return kl_rows(log_q, log_mixture(log_q, log_p, skew))
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
 
@@ -72,6 +92,7 @@ def kd_loss_rows(
     hard_weight: float = 0.0,
     divergence: str = "forward_kl",
     beta: float = 0.5,
+    skew: float = 0.1,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     t2_scale: bool = True,
@@ -103,7 +124,7 @@ def kd_loss_rows(
         log_p = torch.log_softmax(t / temperature, dim=-1)
         log_q = torch.log_softmax(z / temperature, dim=-1)
         scale = soft_weight * (temperature**2 if t2_scale else 1.0)
-        loss = loss + scale * divergence_rows(log_p, log_q, divergence, beta)
+        loss = loss + scale * divergence_rows(log_p, log_q, divergence, beta, skew)
     if hard_weight != 0.0:
         if safe_target is None:
             raise ValueError("hard_weight != 0 needs a target")

@@ -5,17 +5,18 @@ A rank reduces its vocabulary slice of each row to partial statistics (:func:`sh
 ``RowStats`` layout of ``csrc/common/kd_math.h`` plus a NaN flag), the gathered statistics of all
 slices merge exactly (:func:`merge_stats`: maxima, then rescale and shift the max-relative sums), and
 each rank finishes its own slice from the merged statistics (:func:`shard_finish`: the row loss and
-the slice's gradients). JSD needs one more reduction between the two, ``[S_q, S_p]``
-(:func:`shard_jsd_sums`), because its summands depend on the final normalisers.
+the slice's gradients). JSD, TVD and skew KL need one more reduction between the two, their two
+sums (:func:`shard_div_sums`, the table of ``csrc/common/kd_math.h``), because their summands depend
+on the final normalisers.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
 from .._settings import acc_dtype
+from .kd import log_mixture
 
 M_Z, D_Z, M_T, D_T, A_T, A_Z, M_1, D_1, SUM_Z, Z_Y, NAN_FLAG = range(11)
 STATS_WIDTH = 11
@@ -134,25 +135,41 @@ def _log_probs(sz, st, stats):
     return log_q, log_p
 
 
-def _jsd_log_m(log_p, log_q, beta):
-    return torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+def _mixture(divergence, log_p, log_q, p, q, weight):
+    """(log m, m, the side weight multiplies, its log, the other side) of a divergence with a sums pass."""
+    if divergence == "skew_reverse_kl":
+        a, la, b, lb = q, log_q, p, log_p
+    else:
+        a, la, b, lb = p, log_p, q, log_q
+    log_m = log_mixture(la, lb, weight)
+    return log_m, weight * a + (1.0 - weight) * b, a, la, b
 
 
-def shard_jsd_sums(z, t, merged, *, temperature, softcap, beta) -> torch.Tensor:
-    """This slice's share of ``[S_q, S_p] = [KL(q‖m), KL(p‖m)]`` per row, given merged stats."""
+def shard_div_sums(z, t, merged, *, temperature, softcap, divergence, weight) -> torch.Tensor:
+    """This slice's share of the divergence's two sums ``[s0, s1]`` per row, given merged stats
+    (JSD: [KL(q‖m), KL(p‖m)]; TVD: [Σ|p − q|, Σ q·sgn(p − q)]; skew KL: [KL(a‖m), Σ a·b/m])."""
     acc = acc_dtype(z.dtype)
     sz = _capped(z.to(acc), softcap) / temperature
     st = _capped(t.to(acc), softcap) / temperature
     log_q, log_p = _log_probs(sz, st, merged)
-    log_m = _jsd_log_m(log_p, log_q, beta)
     q, p = log_q.exp(), log_p.exp()
-    s_q = torch.where(q > 0, q * (log_q - log_m), torch.zeros_like(q)).sum(-1)
-    s_p = torch.where(p > 0, p * (log_p - log_m), torch.zeros_like(p)).sum(-1)
-    return torch.stack([s_q, s_p], dim=-1)
+    zeros = torch.zeros_like(q)
+    if divergence == "tvd":
+        s0 = (p - q).abs().sum(-1)
+        s1 = (q * torch.sign(p - q)).sum(-1)
+    elif divergence == "jsd":
+        log_m = log_mixture(log_p, log_q, weight)
+        s0 = torch.where(q > 0, q * (log_q - log_m), zeros).sum(-1)
+        s1 = torch.where(p > 0, p * (log_p - log_m), zeros).sum(-1)
+    else:
+        log_m, m, a, la, b = _mixture(divergence, log_p, log_q, p, q, weight)
+        s0 = torch.where(a > 0, a * (la - log_m), zeros).sum(-1)
+        s1 = torch.where(m > 0, a * b / torch.where(m > 0, m, torch.ones_like(m)), zeros).sum(-1)
+    return torch.stack([s0, s1], dim=-1)
 
 
-def shard_finish(z, t, target, merged, jsd_sums, divisor, *, vocab_start, vocab_size, temperature,
-                 soft_scale, hard_weight, divergence, beta, ignore_index, label_smoothing, softcap,
+def shard_finish(z, t, target, merged, div_sums, divisor, *, vocab_start, vocab_size, temperature,
+                 soft_scale, hard_weight, divergence, weight, ignore_index, label_smoothing, softcap,
                  teacher_grad):
     """Row losses (N,) and this slice's gradients, divided by ``divisor`` (the kernels' formulas)."""
     acc = acc_dtype(z.dtype)
@@ -180,12 +197,31 @@ def shard_finish(z, t, target, merged, jsd_sums, divisor, *, vocab_start, vocab_
             if teacher_grad:
                 grad_t += g * (p - q)
         else:
-            s_q, s_p = jsd_sums[:, 0], jsd_sums[:, 1]
-            d = (beta * s_p + (1.0 - beta) * s_q).clamp_min(0)
-            log_m = _jsd_log_m(log_p, log_q, beta)
-            grad_z += (g * (1.0 - beta)) * torch.where(q > 0, q * (log_q - log_m - s_q.unsqueeze(1)), zeros)
-            if teacher_grad:
-                grad_t += (g * beta) * torch.where(p > 0, p * (log_p - log_m - s_p.unsqueeze(1)), zeros)
+            s0, s1 = div_sums[:, 0:1], div_sums[:, 1:2]
+            w = weight
+            if divergence == "jsd":
+                d = (w * s1 + (1.0 - w) * s0).clamp_min(0)
+                log_m = log_mixture(log_p, log_q, w)
+                grad_z += (g * (1.0 - w)) * torch.where(q > 0, q * (log_q - log_m - s0), zeros)
+                if teacher_grad:
+                    grad_t += (g * w) * torch.where(p > 0, p * (log_p - log_m - s1), zeros)
+            elif divergence == "tvd":
+                d = (0.5 * s0).clamp_min(0)
+                sg = torch.sign(p - q)
+                grad_z += (-0.5 * g) * q * (sg - s1)
+                if teacher_grad:
+                    grad_t += (0.5 * g) * p * (sg - (s0 + s1))
+            else:  # skew KL: a the side the weight multiplies in m, b the other one
+                d = s0.clamp_min(0)
+                log_m, m, a, la, b = _mixture(divergence, log_p, log_q, p, q, w)
+                r = torch.where(m > 0, a / torch.where(m > 0, m, torch.ones_like(m)), zeros)
+                ga = g * torch.where(a > 0, a * ((la - log_m) + (1.0 - (1.0 - w) * s1 - s0) - w * r), zeros)
+                gb = (g * (1.0 - w)) * b * (s1 - r)
+                own_q = divergence == "skew_reverse_kl"
+                grad_z += ga if own_q else gb
+                if teacher_grad:
+                    grad_t += gb if own_q else ga
+            d = d.squeeze(1)
         rows = rows + soft_scale * d
 
     keep = None

@@ -40,6 +40,8 @@ DEFAULT_PROVIDERS = {"cpu": ["torch_eager", "torch_compile", "fastkd_cpu"],
 
 
 def add_arguments(ap: argparse.ArgumentParser, default_out=None) -> None:
+    from .._settings import DIVERGENCES
+
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS, metavar="PROVIDER",
                     help=f"default on cpu: {' '.join(DEFAULT_PROVIDERS['cpu'])}; on cuda: "
@@ -48,11 +50,12 @@ def add_arguments(ap: argparse.ArgumentParser, default_out=None) -> None:
     ap.add_argument("--n", nargs="+", type=int, default=[2048], help="rows (tokens)")
     ap.add_argument("--v", nargs="+", type=int, default=[32000], help="vocabulary sizes")
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--divergence", default="forward_kl", choices=("forward_kl", "reverse_kl", "jsd"))
+    ap.add_argument("--divergence", default="forward_kl", choices=DIVERGENCES)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--soft-weight", type=float, default=0.5)
     ap.add_argument("--hard-weight", type=float, default=0.5)
-    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--beta", type=float, default=0.5, help="β of the JSD")
+    ap.add_argument("--skew", type=float, default=0.1, help="α of skew KL")
     ap.add_argument("--reps", type=int, default=10, help="runs per measurement (--in-process: rounds, >= 9)")
     ap.add_argument("--in-process", action="store_true",
                     help="providers alternated in one process on inputs made once (see above)")
@@ -80,11 +83,18 @@ def _make_fn(provider, kw):
             soft = F.kl_div(ls, lt, reduction="batchmean", log_target=True)
         elif div == "reverse_kl":
             soft = F.kl_div(lt, ls, reduction="batchmean", log_target=True)
-        else:
+        elif div == "jsd":
             b = kw["beta"]
             m = torch.logsumexp(torch.stack([ls + torch.log1p(torch.tensor(-b)), lt + torch.log(torch.tensor(b))]), 0)
             soft = b * F.kl_div(m, lt, reduction="batchmean", log_target=True) + \
                 (1 - b) * F.kl_div(m, ls, reduction="batchmean", log_target=True)
+        elif div == "tvd":
+            soft = 0.5 * (lt.exp() - ls.exp()).abs().sum() / s.shape[0]
+        else:  # skew KL: KL(a‖αa + (1−α)b)
+            a, lb = (ls, lt) if div == "skew_reverse_kl" else (lt, ls)
+            w = kw["skew"]
+            m = torch.log(w * a.exp() + (1 - w) * lb.exp())
+            soft = F.kl_div(m, a, reduction="batchmean", log_target=True)
         loss = sw * T * T * soft
         if hw:
             loss = loss + hw * F.cross_entropy(s.float(), y)
@@ -97,7 +107,8 @@ def _make_fn(provider, kw):
     if provider.startswith("fastkd_"):
         backend = provider.split("_", 1)[1]
         return lambda s, t, y: fastkd.kd_loss(s, t, y, temperature=T, soft_weight=sw, hard_weight=hw,
-                                              divergence=div, beta=kw["beta"], backend=backend)
+                                              divergence=div, beta=kw["beta"], skew=kw["skew"],
+                                              backend=backend)
     if provider == "liger":
         try:
             from liger_kernel.transformers import LigerCrossEntropyLoss, LigerJSD, LigerKLDIVLoss
@@ -313,7 +324,7 @@ def run(args) -> int:
         raise common.BenchError("no CUDA device: nothing to benchmark on cuda")
     providers = args.providers or DEFAULT_PROVIDERS[args.device]
     kw = dict(temperature=args.temperature, soft_weight=args.soft_weight, hard_weight=args.hard_weight,
-              divergence=args.divergence, beta=args.beta)
+              divergence=args.divergence, beta=args.beta, skew=args.skew)
     device_name = common.device_name(args.device)
     bw = common.copy_bandwidth(args.device, args.copy_mib << 20)
     meta = {"date": common.utc_now(), "device": device_name, "copy_gbps": round(bw, 2),

@@ -85,7 +85,7 @@ class DistillationTrainer(Trainer):
             model's own loss).
         teacher_cache: with a model ``teacher``: a :class:`fastkd.TeacherCache` filled on the fly
             (the teacher runs only for samples not yet stored, e.g. during the first epoch).
-        temperature, soft_weight, hard_weight, divergence, beta, label_smoothing, t2_scale, softcap,
+        temperature, soft_weight, hard_weight, divergence, beta, skew, label_smoothing, t2_scale, softcap,
             backend: passed to the fastkd loss (see :func:`fastkd.kd_loss`).
         tail: for a cached teacher: ``"bucket"`` (top-k cache), ``"sampled"`` (sampled cache) or
             ``"renorm"``; None picks ``"sampled"`` for a sampled cache and ``"bucket"`` otherwise.
@@ -97,7 +97,7 @@ class DistillationTrainer(Trainer):
 
     def __init__(self, *args, teacher=None, teacher_cache=None, temperature: float = 1.0,
                  soft_weight: float = 1.0, hard_weight: float = 0.0, divergence: str = "forward_kl",
-                 beta: float = 0.5, label_smoothing: float = 0.0, t2_scale: bool = True,
+                 beta: float = 0.5, skew: float = 0.1, label_smoothing: float = 0.0, t2_scale: bool = True,
                  softcap: Optional[float] = None, backend: str = "auto", tail: Optional[str] = None,
                  chunk_size: Optional[int] = None, sample_id_key: str = "sample_id", **kwargs):
         cache_cls = getattr(fastkd, "TeacherCache", None)
@@ -116,11 +116,11 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         # Validate the loss settings now rather than at the first step.
         kd_settings(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                    divergence=divergence, beta=beta, label_smoothing=label_smoothing, t2_scale=t2_scale,
+                    divergence=divergence, beta=beta, skew=skew, label_smoothing=label_smoothing, t2_scale=t2_scale,
                     softcap=softcap, backend=backend)
         super().__init__(*args, **kwargs)
         self.kd_settings = dict(temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                                divergence=divergence, beta=beta, label_smoothing=label_smoothing,
+                                divergence=divergence, beta=beta, skew=skew, label_smoothing=label_smoothing,
                                 t2_scale=t2_scale, softcap=softcap, backend=backend)
         self.teacher = teacher
         self.teacher_cache = teacher_cache

@@ -47,7 +47,7 @@ extern "C" void emu_limits(int sms, int smem_optin) { emu::dev_sms = sms; emu::d
 
 extern "C" int emu_kd(int mode, int64_t student, int64_t teacher, int64_t target, int64_t divisor, int64_t loss,
                       int64_t grad_student, int64_t grad_teacher, int64_t stats_out, int64_t stats_in,
-                      int64_t jsd_out, int64_t jsd_in, int64_t n, int64_t vocab, int64_t stride_student,
+                      int64_t sums_out, int64_t sums_in, int64_t n, int64_t vocab, int64_t stride_student,
                       int64_t stride_teacher, int64_t stride_grad_student, int64_t stride_grad_teacher,
                       int64_t col_offset, int64_t vocab_total, int dtype, double temperature, double soft_scale,
                       double hard_weight, int divergence, double beta, int64_t ignore_index,
@@ -57,7 +57,7 @@ extern "C" int emu_kd(int mode, int64_t student, int64_t teacher, int64_t target
   p.z = (const void*)student; p.t = (const void*)teacher; p.target = (const int64_t*)target;
   p.divisor = (const void*)divisor; p.loss = (void*)loss; p.grad_z = (void*)grad_student;
   p.grad_t = (void*)grad_teacher; p.stats_out = (void*)stats_out; p.stats_in = (const void*)stats_in;
-  p.jsd_out = (void*)jsd_out; p.jsd_in = (const void*)jsd_in;
+  p.sums_out = (void*)sums_out; p.sums_in = (const void*)sums_in;
   p.n = n; p.v = vocab; p.stride_z = stride_student; p.stride_t = stride_teacher;
   p.stride_gz = stride_grad_student; p.stride_gt = stride_grad_teacher;
   p.col_offset = col_offset; p.vocab_total = vocab_total == -1 ? vocab : vocab_total;
@@ -126,7 +126,7 @@ extern "C" int emu_sparse(int64_t student, int64_t ids, int64_t weights, int64_t
 # The shim's argument order: the keyword names of the bindings (csrc/bind/*.cpp) in the order the
 # shim takes them. A name missing from the Python helper's arguments fails here, loudly.
 _KD = ("mode", "student", "teacher", "target", "divisor", "loss", "grad_student", "grad_teacher", "stats_out",
-       "stats_in", "jsd_out", "jsd_in", "n", "vocab", "stride_student", "stride_teacher", "stride_grad_student",
+       "stats_in", "sums_out", "sums_in", "n", "vocab", "stride_student", "stride_teacher", "stride_grad_student",
        "stride_grad_teacher", "col_offset", "vocab_total", "dtype", "temperature", "soft_scale", "hard_weight",
        "divergence", "beta", "ignore_index", "label_smoothing", "softcap")
 _TOPK = ("teacher", "ids", "values", "lse", "n", "vocab", "stride_teacher", "dtype", "temperature", "k")
@@ -248,20 +248,20 @@ class _Shard:
                     col_offset=col_offset, vocab_total=vocab_total, stats_out=out)
         return out
 
-    def jsd_sums(self, student, teacher, target, merged, p, *, col_offset, vocab_total):
+    def div_sums(self, student, teacher, target, merged, p, *, col_offset, vocab_total):
         out = torch.empty(student.shape[0], 2, dtype=merged.dtype)
-        self.emu.kd(student, teacher, target, torch.ones(()), None, None, None, p, mode=KA.JSD_SUMS,
-                    col_offset=col_offset, vocab_total=vocab_total, stats_in=merged.contiguous(), jsd_out=out)
+        self.emu.kd(student, teacher, target, torch.ones(()), None, None, None, p, mode=KA.DIV_SUMS,
+                    col_offset=col_offset, vocab_total=vocab_total, stats_in=merged.contiguous(), sums_out=out)
         return out
 
-    def finish(self, student, teacher, target, merged, jsd_sums, divisor, p, *, col_offset, vocab_total,
+    def finish(self, student, teacher, target, merged, div_sums, divisor, p, *, col_offset, vocab_total,
                teacher_grad):
         loss = torch.empty(student.shape[0], dtype=merged.dtype)
         grad_s = torch.empty_like(student, memory_format=torch.contiguous_format)
         grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if teacher_grad else None
         self.emu.kd(student, teacher, target, divisor.to(merged.dtype), loss, grad_s, grad_t, p, mode=KA.FINISH,
                     col_offset=col_offset, vocab_total=vocab_total, stats_in=merged.contiguous(),
-                    jsd_in=None if jsd_sums is None else jsd_sums.contiguous())
+                    sums_in=None if div_sums is None else div_sums.contiguous())
         return loss, grad_s, grad_t
 
 

@@ -1,14 +1,16 @@
 """Fused Triton kd kernel: the ``triton`` backend's ``kd`` (the dense loss of ``fastkd.kd_loss``).
 
-What is fused: per row, the temperature softmaxes of student and teacher, KL(p‖q), KL(q‖p) or
-JSD(β), the label-smoothed hard cross-entropy, and the gradients w.r.t. both logits (the row math
-of ``csrc/common/kd_math.h``).
+What is fused: per row, the temperature softmaxes of student and teacher, KL(p‖q), KL(q‖p),
+JSD(β), total variation or skew KL(α), the label-smoothed hard cross-entropy, and the gradients
+w.r.t. both logits (the row math of ``csrc/common/kd_math.h``).
 Never materialised: p, q, m, any log-probability, the softcapped logits, a float32 copy of a
 bf16/fp16 row. The only N×V memory written is the gradient, in the input dtype.
 
 Structure: one program per row. Pass 1 reads the row in BLOCK-wide chunks and keeps one running
 maximum per chunk (a scalar) and per-lane rescaled sums, reduced once at the end: one exp per
-element and distribution. JSD adds a pass for S_q = KL(q‖m), S_p = KL(p‖m). The last pass walks the
+element and distribution. JSD, TVD and skew KL add a pass for their two sums (the table of
+``csrc/common/kd_math.h``: their summands need the final normalisers), so they read each row three
+times and the KLs twice. The last pass walks the
 row backwards (its tail, read last by pass 1, is the most likely to still be in L2) and writes the
 gradient. No atomics: results are bitwise reproducible.
 
@@ -29,8 +31,9 @@ from ._common import _INTERPRET, _device_ctx
 
 # Autotune candidates, (BLOCK, warps, register cap) per element size and softcap, chosen from the
 # compiled code for sm_90 (bench/kernel_resources.py --triton prints the table): every one keeps whole
-# 16-byte loads per thread (BLOCK / threads elements of 16 or more bytes), spills nothing for any
-# divergence or teacher gradient, and keeps 16-40 KB of loads in flight per SM. The caps hold ptxas to
+# 16-byte loads per thread (BLOCK / threads elements of 16 or more bytes), spills nothing for the KLs,
+# JSD and TVD (JSD with the teacher gradient is their worst case), and keeps 16-40 KB of loads in
+# flight per SM; skew KL has its own list below. The caps hold ptxas to
 # 80 or 128 registers where it would otherwise take 160-255 for scheduling slack and halve the resident
 # blocks; softcap's tanh needs more live values, so its variants get their own list (uncapped 1024/4
 # settles at 96 registers and spills under JSD with softcap; 4096/8 at 128 and 8192/8 spill). num_stages
@@ -40,6 +43,16 @@ _CANDIDATES = {
     (2, True): ((1024, 4, 128), (2048, 8, None), (4096, 16, None)),
     (4, False): ((1024, 4, None), (1024, 8, None), (2048, 8, None), (4096, 16, None)),
     (4, True): ((1024, 4, 128), (1024, 8, None), (2048, 8, None), (4096, 16, None)),
+}
+
+
+# Skew KL's candidates: the shared ones that build without spills for it, with and without the
+# teacher's gradient (bench/kernel_resources.py --triton; tests/test_kernel_resources.py).
+_SKEW_CANDIDATES = {
+    (2, False): ((1024, 4, None), (2048, 8, 80)),
+    (2, True): ((1024, 4, 128), (4096, 16, None)),
+    (4, False): ((1024, 8, None), (4096, 16, None)),
+    (4, True): ((1024, 4, 128), (4096, 16, None)),
 }
 
 
@@ -63,11 +76,20 @@ def _as_built(cand):
 
 
 def _prune(configs, named_args, **kwargs):
-    """The candidates of the logits' element size and softcap (both are in the autotuner's key)."""
+    """The candidates of the logits' element size and softcap (both are in the autotuner's key), and
+    of the divergence: skew KL keeps more values live per element than the others (m, its log and a
+    quotient on top of JSD's), and spills in several of the shared candidates, so it has its own."""
     if _INTERPRET:
         return configs
     size = 2 if named_args["z_ptr"].element_size() == 2 else 4
-    want = set(map(_as_built, _CANDIDATES[(size, bool(kwargs.get("HAS_CAP", False)))]))
+    key = (size, bool(kwargs.get("HAS_CAP", False)))
+    if kwargs.get("DIV") in (4, 5):
+        cands = _SKEW_CANDIDATES[key]
+        if kwargs.get("TEACHER_GRAD"):  # the 80-register cap spills with the teacher's gradient
+            cands = tuple((block, warps, None if cap == 80 else cap) for block, warps, cap in cands)
+    else:
+        cands = _CANDIDATES[key]
+    want = set(map(_as_built, cands))
     return [c for c in configs if (c.kwargs["BLOCK"], c.num_warps, c.maxnreg) in want] or configs
 
 
@@ -130,9 +152,21 @@ def _stats_chunk(zr, tr, mask, inv_t, m_z, m_t, m_1, d_z, d_t, a_z, a_t, d_1, su
 
 
 @triton.jit
-def _jsd_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, beta, log_beta, log_beta1, acc_q, acc_p,
-               MASKED: tl.constexpr):
-    """The JSD pass over one chunk: S_q, S_p per lane, updated."""
+def _mix_log(lq, lp, q, p, w, log_w, log_w1, DIV: tl.constexpr):
+    """log m = log(w·own + (1−w)·other), own p (q for skew reverse KL), bounded below by either
+    term's own log (an underflowed m would otherwise turn q·(log q − log m) into q·inf)."""
+    if DIV == 5:
+        lm = tl.maximum(tl.log(w * q + (1.0 - w) * p), tl.maximum(lp + log_w1, lq + log_w))
+    else:
+        lm = tl.maximum(tl.log(w * p + (1.0 - w) * q), tl.maximum(lq + log_w1, lp + log_w))
+    return lm
+
+
+@triton.jit
+def _sums_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, w, log_w, log_w1, acc0, acc1,
+                DIV: tl.constexpr, MASKED: tl.constexpr):
+    """The sums pass over one chunk (DIV 2 JSD, 3 TVD, 4 skew forward KL, 5 skew reverse KL): the two
+    sums of kd_math.h's table per lane, updated."""
     lq = (zr * inv_t - m_z) - log_dz
     lp = (tr * inv_t - m_t) - log_dt
     if MASKED:
@@ -140,17 +174,37 @@ def _jsd_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, beta, log_beta, lo
         lp = tl.where(mask, lp, float("-inf"))
     q = tl.exp(lq)
     p = tl.exp(lp)
-    # log(βp + (1−β)q), bounded below by either term's own log (an underflowed m would otherwise
-    # turn q·(log q − log m) into q·inf)
-    lm = tl.maximum(tl.log(beta * p + (1.0 - beta) * q), tl.maximum(lq + log_beta1, lp + log_beta))
-    acc_q += tl.where(q > 0.0, q * (lq - lm), 0.0)
-    acc_p += tl.where(p > 0.0, p * (lp - lm), 0.0)
-    return acc_q, acc_p
+    if DIV == 3:
+        d = p - q
+        acc0 += tl.abs(d)
+        acc1 += tl.where(d > 0.0, q, tl.where(d < 0.0, -q, 0.0))
+    elif DIV == 2:
+        lm = _mix_log(lq, lp, q, p, w, log_w, log_w1, DIV)
+        acc0 += tl.where(q > 0.0, q * (lq - lm), 0.0)
+        acc1 += tl.where(p > 0.0, p * (lp - lm), 0.0)
+    else:  # skew KL: a the side w multiplies in m, b the other one
+        if DIV == 5:
+            a = q
+            b = p
+            la = lq
+            lb = lp
+        else:
+            a = p
+            b = q
+            la = lp
+            lb = lq
+        m = w * a + (1.0 - w) * b
+        lm = tl.maximum(tl.log(m), tl.maximum(lb + log_w1, la + log_w))  # _mix_log's bound, from m itself
+        acc0 += tl.where(a > 0.0, a * (la - lm), 0.0)
+        # m > 0, not a > 0: w·a can underflow to 0 for a tiny a > 0 (the select drops a/0); the
+        # approximate division saves the registers of the IEEE one (2 ulp, like tl.exp)
+        acc1 += tl.where(m > 0.0, b * tl.fdiv(a, m), 0.0)
+    return acc0, acc1
 
 
 @triton.jit
-def _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_dh, soft, dsoft, s_q, s_p,
-                beta, log_beta, log_beta1, hard, eps, eps_over_v, inv_cap, g_scale,
+def _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_dh, soft, dsoft, s0, s1, s_c,
+                w, log_w, log_w1, hard, eps, eps_over_v, inv_cap, g_scale,
                 DIV: tl.constexpr, USE_HARD: tl.constexpr, TAU_ONE: tl.constexpr, HAS_CAP: tl.constexpr):
     """The gradients of one chunk w.r.t. the student (g) and teacher (h) logits, already scaled."""
     lq = (zr * inv_t - m_z) - log_dz
@@ -163,10 +217,37 @@ def _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_
     elif DIV == 1:
         g = tl.where(q > 0.0, soft * q * ((lq - lp) - dsoft), 0.0)
         h = soft * (p - q)
-    else:
-        lm = tl.maximum(tl.log(beta * p + (1.0 - beta) * q), tl.maximum(lq + log_beta1, lp + log_beta))
-        g = tl.where(q > 0.0, soft * (1.0 - beta) * q * ((lq - lm) - s_q), 0.0)
-        h = tl.where(p > 0.0, soft * beta * p * ((lp - lm) - s_p), 0.0)
+    elif DIV == 2:
+        lm = _mix_log(lq, lp, q, p, w, log_w, log_w1, DIV)
+        g = tl.where(q > 0.0, soft * (1.0 - w) * q * ((lq - lm) - s0), 0.0)
+        h = tl.where(p > 0.0, soft * w * p * ((lp - lm) - s1), 0.0)
+    elif DIV == 3:  # sgn(0) = 0: the subgradient where p_i = q_i
+        d = p - q
+        sg = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        g = (-0.5 * soft) * q * (sg - s1)
+        h = (0.5 * soft) * p * (sg - (s0 + s1))
+    else:  # skew KL: a the side w multiplies in m, b the other one; s_c = 1 − (1−w)·s1 − s0
+        if DIV == 5:
+            a = q
+            b = p
+            la = lq
+            lb = lp
+        else:
+            a = p
+            b = q
+            la = lp
+            lb = lq
+        m = w * a + (1.0 - w) * b
+        lm = tl.maximum(tl.log(m), tl.maximum(lb + log_w1, la + log_w))
+        r = tl.where(m > 0.0, tl.fdiv(a, m), 0.0)
+        ga = tl.where(a > 0.0, soft * a * ((la - lm) + s_c - w * r), 0.0)
+        gb = (soft * (1.0 - w)) * b * (s1 - r)
+        if DIV == 5:
+            g = ga
+            h = gb
+        else:
+            g = gb
+            h = ga
     if USE_HARD:
         if TAU_ONE:
             q1 = q
@@ -189,7 +270,7 @@ def _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_
 def _kd_rows_kernel(
     z_ptr, t_ptr, y_ptr, div_ptr, loss_ptr, gz_ptr, gt_ptr,
     V, stride_z, stride_t, stride_gz, stride_gt, stride_y,
-    inv_t, soft_scale, soft, hard, eps, eps_over_v, beta, log_beta, log_beta1, cap, inv_cap,
+    inv_t, soft_scale, soft, hard, eps, eps_over_v, w, log_w, log_w1, cap, inv_cap,
     ignore_index,
     DIV: tl.constexpr, USE_HARD: tl.constexpr, TAU_ONE: tl.constexpr, NEED_SUM: tl.constexpr,
     HAS_CAP: tl.constexpr, TEACHER_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr, VEC: tl.constexpr,
@@ -243,7 +324,7 @@ def _kd_rows_kernel(
         # could overwrite z[y] before a slower warp loaded it.
         z_y = _softcap(tl.load(z_row + y_safe).to(tl.float32), cap, inv_cap, HAS_CAP)
 
-        # ---- pass 1: online stats (DIV: 0 forward KL, 1 reverse KL, 2 JSD) ----
+        # ---- pass 1: online stats (DIV: 0 forward KL, 1 reverse KL, 2 JSD, 3 TVD, 4/5 skew KL) ----
         # running maxima start at a finite "−inf", so exp(m_old − m_new) is defined for all −inf chunks
         m_z = -3.0e38
         m_t = -3.0e38
@@ -302,18 +383,19 @@ def _kd_rows_kernel(
             dsoft = tl.maximum(tl.sum(a_z, axis=0) / dz - log_dz + log_dt, 0.0)
         else:
             dsoft = 0.0
-        s_q = 0.0
-        s_p = 0.0
+        s0 = 0.0
+        s1 = 0.0
+        s_c = 0.0
 
-        # ---- JSD: S_q, S_p need the final normalisers ----
-        if DIV == 2:
+        # ---- JSD, TVD, skew KL: their sums need the final normalisers ----
+        if DIV >= 2:
             acc_q = tl.zeros([BLOCK], dtype=tl.float32)
             acc_p = tl.zeros([BLOCK], dtype=tl.float32)
             for c in range(0, nb):
                 zr = _softcap(tl.load(z_body + c * BLOCK + cols, mask=c * BLOCK + cols < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
                 tr = _softcap(tl.load(t_body + c * BLOCK + cols, mask=c * BLOCK + cols < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
-                acc_q, acc_p = _jsd_chunk(zr, tr, cols, inv_t, m_z, m_t, log_dz, log_dt, beta, log_beta,
-                                          log_beta1, acc_q, acc_p, False)
+                acc_q, acc_p = _sums_chunk(zr, tr, cols, inv_t, m_z, m_t, log_dz, log_dt, w, log_w,
+                                           log_w1, acc_q, acc_p, DIV, False)
             for c in range(0, r_chunks):
                 q = c * BLOCK + cols
                 col = tl.where(q < h, q, q + nb * BLOCK)
@@ -322,11 +404,17 @@ def _kd_rows_kernel(
                               HAS_CAP)
                 tr = _softcap(tl.load(t_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap,
                               HAS_CAP)
-                acc_q, acc_p = _jsd_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, beta, log_beta,
-                                          log_beta1, acc_q, acc_p, True)
-            s_q = tl.sum(acc_q, axis=0)
-            s_p = tl.sum(acc_p, axis=0)
-            dsoft = tl.maximum(beta * s_p + (1.0 - beta) * s_q, 0.0)
+                acc_q, acc_p = _sums_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, w, log_w,
+                                           log_w1, acc_q, acc_p, DIV, True)
+            s0 = tl.sum(acc_q, axis=0)
+            s1 = tl.sum(acc_p, axis=0)
+            if DIV == 2:
+                dsoft = tl.maximum(w * s1 + (1.0 - w) * s0, 0.0)
+            elif DIV == 3:
+                dsoft = tl.maximum(0.5 * s0, 0.0)
+            else:
+                dsoft = tl.maximum(s0, 0.0)
+                s_c = 1.0 - (1.0 - w) * s1 - s0  # the row constant of skew KL's gradient
 
         # ---- the row's loss ----
         row_loss = soft_scale * dsoft
@@ -356,7 +444,7 @@ def _kd_rows_kernel(
                 tr = _softcap(tl.load(t_row + col, mask=mask, other=0.0).to(tl.float32), cap, inv_cap,
                               HAS_CAP)
                 g, hh = _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_dh, soft,
-                                    dsoft, s_q, s_p, beta, log_beta, log_beta1, hard, eps, eps_over_v, inv_cap,
+                                    dsoft, s0, s1, s_c, w, log_w, log_w1, hard, eps, eps_over_v, inv_cap,
                                     g_scale, DIV, USE_HARD, TAU_ONE, HAS_CAP)
                 tl.store(gz_row + col, g.to(gz_ptr.dtype.element_ty), mask=mask)
                 if TEACHER_GRAD:
@@ -366,7 +454,7 @@ def _kd_rows_kernel(
                 zr = _softcap(tl.load(z_body + off, mask=off < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
                 tr = _softcap(tl.load(t_body + off, mask=off < body, other=0.0).to(tl.float32), cap, inv_cap, HAS_CAP)
                 g, hh = _grad_chunk(zr, tr, off, y_body, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_dh, soft,
-                                    dsoft, s_q, s_p, beta, log_beta, log_beta1, hard, eps, eps_over_v, inv_cap,
+                                    dsoft, s0, s1, s_c, w, log_w, log_w1, hard, eps, eps_over_v, inv_cap,
                                     g_scale, DIV, USE_HARD, TAU_ONE, HAS_CAP)
                 tl.store(gz_body + off, g.to(gz_ptr.dtype.element_ty), mask=off < body)
                 if TEACHER_GRAD:
@@ -420,9 +508,9 @@ def triton_kd(student, teacher, target, divisor, loss, grad_s, grad_t, p) -> Non
     else:  # one dummy class id for every row, and an ignore_index it cannot equal
         y, stride_y, ignore = torch.zeros(1, dtype=torch.long, device=student.device), 0, -1
     use_hard = target is not None and p.hard_weight != 0.0
-    beta = p.beta
-    log_beta = math.log(beta) if beta > 0.0 else float("-inf")
-    log_beta1 = math.log1p(-beta) if beta < 1.0 else float("-inf")
+    w = p.beta  # the mixture weight: JSD's β, skew KL's α
+    log_w = math.log(w) if w > 0.0 else float("-inf")
+    log_w1 = math.log1p(-w) if w < 1.0 else float("-inf")
     write_grad = grad_s is not None
     teacher_grad = write_grad and grad_t is not None
     gz = grad_s if write_grad else loss     # never written when WRITE_GRAD is False (loss only)
@@ -432,7 +520,7 @@ def triton_kd(student, teacher, target, divisor, loss, grad_s, grad_t, p) -> Non
             student, teacher, y, divisor, loss, gz, gt,
             v, student.stride(0), teacher.stride(0), gz.stride(0), gt.stride(0), stride_y,
             1.0 / p.temperature, p.soft_scale, p.soft_scale / p.temperature, p.hard_weight,
-            p.label_smoothing, p.label_smoothing / v, beta, log_beta, log_beta1,
+            p.label_smoothing, p.label_smoothing / v, w, log_w, log_w1,
             p.softcap, (1.0 / p.softcap) if p.softcap > 0.0 else 0.0, ignore,
             DIV=p.divergence, USE_HARD=use_hard, TAU_ONE=p.temperature == 1.0,
             NEED_SUM=use_hard and p.label_smoothing > 0.0, HAS_CAP=p.softcap > 0.0,
