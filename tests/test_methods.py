@@ -437,3 +437,66 @@ def test_methods_study_quick_smoke(tmp_path):
     assert all(0.0 <= r["acc"] <= 1.0 for runs in res.values() for r in runs)
     assert (tmp_path / "methods_table_10pc.md").read_text().count("|") > 20
     assert (tmp_path / "methods_accuracy_10pc.png").stat().st_size > 1000
+
+
+def test_mnist1d_study_statistics():
+    study = _load_example("methods_study_mnist1d")
+    p = study.paired([0.5, 0.6, 0.7], [0.4, 0.6, 0.5])  # differences 10, 0, 20 pp
+    assert p["diffs"] == pytest.approx([10.0, 0.0, 20.0])
+    assert p["mean"] == pytest.approx(10.0) and p["se"] == pytest.approx(10.0 / 3 ** 0.5)
+    assert p["wins"] == 2 and p["verdict"] == "n.s."  # t = 1.73 < t_0.975(2) = 4.30
+    assert study.paired([0.60, 0.61, 0.62, 0.63], [0.50, 0.50, 0.51, 0.52])["verdict"] == "better"
+    assert study.paired([0.50, 0.50, 0.51, 0.52], [0.60, 0.61, 0.62, 0.63])["verdict"] == "worse"
+    assert study.t975(4) == pytest.approx(2.78) and study.t975(12) == pytest.approx(2.23)
+
+
+def test_mnist1d_generation_is_local_deterministic_and_leaves_global_rngs_alone():
+    pytest.importorskip("mnist1d")
+    import random
+
+    import numpy as np
+
+    study = _load_example("methods_study_mnist1d")
+    np.random.seed(7)
+    random.seed(7)
+    x, y, xt, yt = study.load_mnist1d(42, 300, 100)
+    after = (np.random.rand(), random.random())
+    np.random.seed(7)
+    random.seed(7)
+    assert after == (np.random.rand(), random.random())  # the generator's reseeding was undone
+    assert x.shape == (300, 1, 1, 40) and xt.shape == (100, 1, 1, 40) and x.dtype == torch.float32
+    assert torch.bincount(torch.cat([y, yt]), minlength=10).tolist() == [40] * 10
+    x2, y2, _, _ = study.load_mnist1d(42, 300, 100)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, study.load_mnist1d(43, 300, 100)[0])
+
+
+def test_methods_mnist1d_quick(tmp_path):
+    pytest.importorskip("mnist1d")
+    import json
+    import statistics
+
+    study = _load_example("methods_study_mnist1d")
+    out = tmp_path / "r.jsonl"
+    res, meta = study.main(["--quick", "--out", str(tmp_path), "--results", str(out)])
+    expect = {tuple(k.split("/")) for k in study.QUICK_METHODS}
+    expect |= {(st, "scratch") for st, _ in expect}
+    assert set(res) == expect and all(len(runs) == 2 for runs in res.values())
+    assert min(meta["teacher_acc"]) > 0.6  # 150 steps already give a teacher far above chance (10 %)
+    lines = [json.loads(s) for s in out.read_text().splitlines()]
+    assert len(lines) == 2 * len(expect)
+    assert all(0.0 <= r["acc"] <= 1.0 and 0.0 <= r["train_acc"] <= 1.0 for r in lines)
+    by = {(r["student"], r["method"], r["seed"]): r for r in lines}
+    for seed in (0, 1):
+        ban, scratch = by[("cnn", "born_again", seed)], by[("cnn", "scratch", seed)]
+        assert ban["gen0_acc"] == scratch["acc"]  # generation 0 is that seed's scratch student
+        assert {f"gen{k}_acc" for k in range(5)} | {"ens2_acc", "ens4_acc"} <= set(ban)
+        assert {"exit1_acc", "exit2_acc"} <= set(by[("cnn", "self_distillation", seed)])
+    # the table's paired difference is the mean of the per-seed differences in the JSON lines
+    d = [100 * (by[("mlp", "kd_t4", s)]["acc"] - by[("mlp", "scratch", s)]["acc"]) for s in (0, 1)]
+    table = (tmp_path / "methods_mnist1d_table.md").read_text()
+    row = next(r for r in table.splitlines() if r.startswith("| MLP | KD, τ = 4 |"))
+    assert row.split("|")[6].strip().startswith(f"{statistics.mean(d):+.1f} ±")
+    assert "| function matching beats labels (same budget) |" in table and "| BYOT: the shallow exits" in table
+    for png in ("methods_mnist1d_delta.png", "methods_mnist1d_tau_generations.png"):
+        assert (tmp_path / png).stat().st_size > 1000
