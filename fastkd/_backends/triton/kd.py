@@ -152,14 +152,29 @@ def _stats_chunk(zr, tr, mask, inv_t, m_z, m_t, m_1, d_z, d_t, a_z, a_t, d_1, su
 
 
 @triton.jit
-def _mix_log(lq, lp, q, p, w, log_w, log_w1, DIV: tl.constexpr):
-    """log m = log(w·own + (1−w)·other), own p (q for skew reverse KL), bounded below by either
-    term's own log (an underflowed m would otherwise turn q·(log q − log m) into q·inf)."""
+def _jsd_log_m(lq, lp, q, p, w, log_w, log_w1):
+    """JSD's log m = log(w·p + (1−w)·q), bounded below by either term's own log (an underflowed m
+    would otherwise turn q·(log q − log m) into q·inf)."""
+    return tl.maximum(tl.log(w * p + (1.0 - w) * q), tl.maximum(lq + log_w1, lp + log_w))
+
+
+@triton.jit
+def _skew_mixture(q, p, lq, lp, w, log_w, log_w1, DIV: tl.constexpr):
+    """Skew KL's sides and mixture: a (the side w multiplies in m: q for skew reverse KL, else p), its
+    log, the other side b, m = w·a + (1−w)·b and log m with the same lower bound as JSD's."""
     if DIV == 5:
-        lm = tl.maximum(tl.log(w * q + (1.0 - w) * p), tl.maximum(lp + log_w1, lq + log_w))
+        a = q
+        b = p
+        la = lq
+        lb = lp
     else:
-        lm = tl.maximum(tl.log(w * p + (1.0 - w) * q), tl.maximum(lq + log_w1, lp + log_w))
-    return lm
+        a = p
+        b = q
+        la = lp
+        lb = lq
+    m = w * a + (1.0 - w) * b
+    lm = tl.maximum(tl.log(m), tl.maximum(lb + log_w1, la + log_w))
+    return a, b, la, m, lm
 
 
 @triton.jit
@@ -179,22 +194,11 @@ def _sums_chunk(zr, tr, mask, inv_t, m_z, m_t, log_dz, log_dt, w, log_w, log_w1,
         acc0 += tl.abs(d)
         acc1 += tl.where(d > 0.0, q, tl.where(d < 0.0, -q, 0.0))
     elif DIV == 2:
-        lm = _mix_log(lq, lp, q, p, w, log_w, log_w1, DIV)
+        lm = _jsd_log_m(lq, lp, q, p, w, log_w, log_w1)
         acc0 += tl.where(q > 0.0, q * (lq - lm), 0.0)
         acc1 += tl.where(p > 0.0, p * (lp - lm), 0.0)
-    else:  # skew KL: a the side w multiplies in m, b the other one
-        if DIV == 5:
-            a = q
-            b = p
-            la = lq
-            lb = lp
-        else:
-            a = p
-            b = q
-            la = lp
-            lb = lq
-        m = w * a + (1.0 - w) * b
-        lm = tl.maximum(tl.log(m), tl.maximum(lb + log_w1, la + log_w))  # _mix_log's bound, from m itself
+    else:  # skew KL
+        a, b, la, m, lm = _skew_mixture(q, p, lq, lp, w, log_w, log_w1, DIV)
         acc0 += tl.where(a > 0.0, a * (la - lm), 0.0)
         # m > 0, not a > 0: w·a can underflow to 0 for a tiny a > 0 (the select drops a/0); the
         # approximate division saves the registers of the IEEE one (2 ulp, like tl.exp)
@@ -218,7 +222,7 @@ def _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_
         g = tl.where(q > 0.0, soft * q * ((lq - lp) - dsoft), 0.0)
         h = soft * (p - q)
     elif DIV == 2:
-        lm = _mix_log(lq, lp, q, p, w, log_w, log_w1, DIV)
+        lm = _jsd_log_m(lq, lp, q, p, w, log_w, log_w1)
         g = tl.where(q > 0.0, soft * (1.0 - w) * q * ((lq - lm) - s0), 0.0)
         h = tl.where(p > 0.0, soft * w * p * ((lp - lm) - s1), 0.0)
     elif DIV == 3:  # sgn(0) = 0: the subgradient where p_i = q_i
@@ -227,18 +231,7 @@ def _grad_chunk(zr, tr, col, y_local, inv_t, m_z, m_t, log_dz, log_dt, m_h, log_
         g = (-0.5 * soft) * q * (sg - s1)
         h = (0.5 * soft) * p * (sg - (s0 + s1))
     else:  # skew KL: a the side w multiplies in m, b the other one; s_c = 1 − (1−w)·s1 − s0
-        if DIV == 5:
-            a = q
-            b = p
-            la = lq
-            lb = lp
-        else:
-            a = p
-            b = q
-            la = lp
-            lb = lq
-        m = w * a + (1.0 - w) * b
-        lm = tl.maximum(tl.log(m), tl.maximum(lb + log_w1, la + log_w))
+        a, b, la, m, lm = _skew_mixture(q, p, lq, lp, w, log_w, log_w1, DIV)
         r = tl.where(m > 0.0, tl.fdiv(a, m), 0.0)
         ga = tl.where(a > 0.0, soft * a * ((la - lm) + s_c - w * r), 0.0)
         gb = (soft * (1.0 - w)) * b * (s1 - r)
