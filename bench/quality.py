@@ -27,6 +27,17 @@ of full KD's gain (ratio of the seed-mean gains, ± the standard error of the pe
 
 Results are appended as JSON lines to bench/results/quality.jsonl; the plot (held-out loss per epoch,
 share of full KD's gain) goes to bench/results/quality.png.
+
+The cross-tokenizer arm (``--cross-tokenizer``): the teacher reads the text through an 8192-token
+byte-level BPE, the students through a 4096-token one (both trained here on the training split), so
+the teacher's logits cannot be compared id by id. Students with the same initialisation, batches
+and step budget are trained with plain CE, CE + ``fastkd.uld_loss`` and CE + ``fastkd.hybrid_uld_loss``
+on the spans of ``fastkd.align_tokens`` (teacher top-k captured once per batch and reused across
+epochs as ``SparseTeacher`` rows). Held-out loss is reported in bits per character, which does not
+depend on the tokenization; the gain over CE is paired by seed (mean ± s.e.).
+
+    python bench/quality.py --cross-tokenizer --seeds 5      # one seed per --seed-offset run is fine too
+    python bench/quality.py --cross-tokenizer --summary      # the table of every recorded seed
 """
 from __future__ import annotations
 
@@ -393,5 +404,215 @@ def main(argv=None):
     return summary
 
 
+# ------------------------------------------------------------------------------------------------
+# The cross-tokenizer arm
+# ------------------------------------------------------------------------------------------------
+XT_METHODS = ("ce", "uld", "hybrid")
+XT_LABELS = {"ce": "plain CE", "uld": "CE + ULD (uld_loss)", "hybrid": "CE + hybrid (hybrid_uld_loss)"}
+
+
+def _bpe(text_docs, vocab, path):
+    from fastkd.demo.tokenizer import train_tokenizer
+
+    class _Doc:
+        def __init__(self, text):
+            self.text = text
+    return train_tokenizer([_Doc(t) for t in text_docs], vocab, path)
+
+
+def _xt_encode(tok, chunks):
+    """Padded ids (B, L), offsets (B, L, 2), lengths (B,)."""
+    encs = tok.encode_batch(chunks)
+    n = max(len(e.ids) for e in encs)
+    ids = torch.zeros(len(encs), n, dtype=torch.long)
+    off = torch.zeros(len(encs), n, 2, dtype=torch.long)
+    for i, e in enumerate(encs):
+        ids[i, :len(e.ids)] = torch.tensor(e.ids)
+        off[i, :len(e.ids)] = torch.tensor(e.offsets, dtype=torch.long).reshape(-1, 2)
+        off[i, len(e.ids):] = off[i, len(e.ids) - 1, 1]  # padding repeats the last end (never read)
+    return ids, off, torch.tensor([len(e.ids) for e in encs])
+
+
+def _lm_ce(model, ids, lengths):
+    """Summed next-token CE (nats) over the valid positions, and their count."""
+    logits = model(ids)[:, :-1]
+    y = ids[:, 1:].clone()
+    y[torch.arange(y.shape[1]).unsqueeze(0) >= (lengths.unsqueeze(1) - 1)] = -100
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                           reduction="sum"), int((y != -100).sum()), logits
+
+
+@torch.no_grad()
+def _xt_bits_per_char(model, tok, chunks):
+    """Held-out bits per character: nats over every predicted token / ln 2 / characters they cover."""
+    model.eval()
+    nats, chars = 0.0, 0
+    for i in range(0, len(chunks), 64):
+        ids, off, ln = _xt_encode(tok, chunks[i:i + 64])
+        ce, _, _ = _lm_ce(model, ids, ln)
+        nats += ce.item()
+        chars += sum(len(c) - int(off[j, 0, 1]) for j, c in enumerate(chunks[i:i + 64]))
+    model.train()
+    return nats / math.log(2) / chars
+
+
+def cross_tokenizer_main(argv):
+    ap = argparse.ArgumentParser(description="cross-tokenizer arm of bench/quality.py")
+    ap.add_argument("--cross-tokenizer", action="store_true")
+    ap.add_argument("--teacher-vocab", type=int, default=8192)
+    ap.add_argument("--student-vocab", type=int, default=4096)
+    ap.add_argument("--chars", type=int, default=256, help="characters per training sequence")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--teacher-steps", type=int, default=400)
+    ap.add_argument("--teacher-hidden", type=int, default=384)
+    ap.add_argument("--student-hidden", type=int, default=128)
+    ap.add_argument("--student-steps", type=int, default=30, help="distinct batches (the transfer set)")
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seed-offset", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--k", type=int, default=256)
+    ap.add_argument("--kd-weight", type=float, default=1.0, help="weight of the cross-tokenizer term next to CE")
+    ap.add_argument("--methods", nargs="+", default=list(XT_METHODS), choices=XT_METHODS)
+    ap.add_argument("--summary", action="store_true", help="only print the table of the recorded seeds")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "quality_cross_tokenizer.jsonl"))
+    args = ap.parse_args(argv)
+    if args.summary:
+        return xt_summary(args.out)
+    if args.smoke:
+        args.teacher_vocab, args.student_vocab, args.teacher_steps, args.student_steps = 600, 400, 5, 3
+        args.epochs, args.seeds, args.teacher_hidden, args.batch = 1, 2, 64, 8
+    from pydoc_data.topics import topics
+
+    t0 = time.time()
+    text = "\n".join(topics[k] for k in sorted(topics))
+    split = int(len(text) * 0.9)
+    train_text, test_text = text[:split], text[split:]
+    docs = [train_text[i:i + 4000] for i in range(0, len(train_text), 4000)]
+    cache_dir = tempfile.mkdtemp(prefix="fastkd-xt-") if args.smoke else ".fastkd_cache"
+    os.makedirs(cache_dir, exist_ok=True)
+    t_tok = _bpe(docs, args.teacher_vocab, os.path.join(cache_dir, f"xt-bpe-{args.teacher_vocab}.json"))
+    s_tok = _bpe(docs, args.student_vocab, os.path.join(cache_dir, f"xt-bpe-{args.student_vocab}.json"))
+    vt, vs = t_tok.get_vocab_size(), s_tok.get_vocab_size()
+    vmap = fastkd.VocabMap.from_tokenizers(s_tok, t_tok)
+    n_test = 60 if args.smoke else 400
+    test_chunks = [test_text[i:i + 4 * args.chars] for i in range(0, len(test_text) - 4 * args.chars,
+                                                                  4 * args.chars)][:n_test]
+
+    def chunks_for(seed, steps):
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(train_text) - args.chars, (steps, args.batch), generator=g)
+        return [[train_text[s:s + args.chars] for s in row.tolist()] for row in starts]
+
+    teacher = LM(vt, 128, args.teacher_hidden)
+    tkey = hashlib.sha1(json.dumps([vt, args.chars, args.batch, args.teacher_steps, args.teacher_hidden,
+                                    args.lr]).encode()).hexdigest()[:12]
+    ckpt = os.path.join(cache_dir, f"xt-teacher-{tkey}.pt")
+    if os.path.exists(ckpt):
+        teacher.load_state_dict(torch.load(ckpt))
+    else:
+        opt = torch.optim.Adam(teacher.parameters(), lr=args.lr)
+        for chunk in chunks_for(1, args.teacher_steps):
+            ids, _, ln = _xt_encode(t_tok, chunk)
+            ce, n, _ = _lm_ce(teacher, ids, ln)
+            opt.zero_grad(set_to_none=True)
+            (ce / n).backward()
+            torch.nn.utils.clip_grad_norm_(teacher.parameters(), 1.0)
+            opt.step()
+        torch.save(teacher.state_dict(), ckpt)
+    teacher.eval()
+    t_bpc = _xt_bits_per_char(teacher, t_tok, test_chunks)
+    print(f"teacher (BPE {vt}): held-out {t_bpc:.4f} bits/char ({time.time() - t0:.0f}s); "
+          f"{vmap.num_matched} of {vs} student tokens also in the teacher's vocabulary", flush=True)
+
+    meta = dict(bench="quality_cross_tokenizer", date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, fastkd=fastkd.__version__, corpus="pydoc_data.topics (CPython docs)",
+                teacher_vocab=vt, student_vocab=vs, num_matched=vmap.num_matched, chars=args.chars,
+                batch=args.batch, teacher_steps=args.teacher_steps, teacher=f"GRU-{args.teacher_hidden}",
+                student=f"GRU-{args.student_hidden}", student_steps=args.student_steps, epochs=args.epochs,
+                k=args.k, kd_weight=args.kd_weight, teacher_bpc=t_bpc, smoke=args.smoke)
+    rows = []
+    for seed in range(args.seed_offset, args.seed_offset + args.seeds):
+        data = []
+        for chunk in chunks_for(100 + seed, args.student_steps):
+            s_ids, s_off, s_ln = _xt_encode(s_tok, chunk)
+            t_ids, t_off, t_ln = _xt_encode(t_tok, chunk)
+            al = fastkd.align_tokens(s_off, t_off, student_lengths=s_ln, teacher_lengths=t_ln)
+            b, ps, pt = al.index(shift=1)
+            with torch.no_grad():  # the teacher runs once per batch; later epochs reuse its top-k rows
+                st = fastkd.capture(teacher(t_ids)[b, pt], k=min(args.k, vt))
+            data.append((s_ids, s_ln, (b, ps), st))
+        for method in args.methods:
+            torch.manual_seed(1000 + seed)
+            student = LM(vs, 64, args.student_hidden)
+            opt = torch.optim.Adam(student.parameters(), lr=args.lr)
+            t1 = time.time()
+            for _ in range(args.epochs):
+                for s_ids, s_ln, (b, ps), st in data:
+                    ce, n, logits = _lm_ce(student, s_ids, s_ln)
+                    loss = ce / n
+                    if method != "ce":
+                        rows_s = logits[b, ps]
+                        kd = (fastkd.uld_loss(rows_s, st, k=args.k) if method == "uld"
+                              else fastkd.hybrid_uld_loss(rows_s, st, vmap, k=args.k))
+                        loss = loss + args.kd_weight * kd
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                    opt.step()
+            bpc = _xt_bits_per_char(student, s_tok, test_chunks)
+            row = dict(meta, kind="run", seed=seed, method=method, bpc=bpc, seconds=time.time() - t1)
+            rows.append(row)
+            print(f"seed {seed} {method:7s} held-out {bpc:.4f} bits/char ({time.time() - t1:.0f}s)", flush=True)
+    if not args.smoke:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        return xt_summary(args.out)
+    return rows
+
+
+def xt_summary(out):
+    """Mean held-out bits/char per method over every recorded seed of the newest settings, and the
+    gain over CE paired by seed (mean ± s.e.)."""
+    with open(out) as f:
+        runs = [json.loads(line) for line in f if line.strip()]
+    runs = [r for r in runs if r.get("kind") == "run" and not r.get("smoke")]
+    if not runs:
+        raise SystemExit(f"{out}: no run recorded")
+    keys = ("teacher_vocab", "student_vocab", "chars", "batch", "teacher_steps", "student_steps", "epochs", "k",
+            "kd_weight", "student", "teacher")
+    last = runs[-1]
+    runs = [r for r in runs if all(r.get(k) == last.get(k) for k in keys)]
+    by = collections.defaultdict(dict)
+    for r in runs:
+        by[r["seed"]][r["method"]] = r["bpc"]
+    seeds = sorted(s for s in by if "ce" in by[s])
+    print(f"teacher BPE {last['teacher_vocab']} ({last['teacher']}, held-out {last['teacher_bpc']:.4f} bits/char) -> "
+          f"student BPE {last['student_vocab']} ({last['student']}); {len(seeds)} seeds; "
+          f"{last['student_steps']} batches x {last['epochs']} epochs, k={last['k']}")
+    print("| method | held-out bits/char (mean ± sd) | gain over CE (mean ± s.e.) | seeds |")
+    print("| --- | --- | --- | --- |")
+    table = {}
+    for m in XT_METHODS:
+        vals = [by[s][m] for s in seeds if m in by[s]]
+        if not vals:
+            continue
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        gain = ""
+        if m != "ce":
+            gains = [by[s]["ce"] - by[s][m] for s in seeds if m in by[s]]
+            se = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else 0.0
+            gain = f"{statistics.fmean(gains):+.4f} ± {se:.4f}"
+            table[m] = (statistics.fmean(gains), se)
+        print(f"| {XT_LABELS[m]} | {statistics.fmean(vals):.4f} ± {sd:.4f} | {gain} | {len(vals)} |")
+    return table
+
+
 if __name__ == "__main__":
-    main()
+    if "--cross-tokenizer" in sys.argv[1:]:
+        cross_tokenizer_main(sys.argv[1:])
+    else:
+        main()

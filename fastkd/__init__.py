@@ -14,12 +14,18 @@ _LAZY = {
     "SparseTeacher": ("cache", "SparseTeacher"),
     "sparse_kd_loss": ("losses", "sparse_kd_loss"),
     "TeacherCache": ("cache", "TeacherCache"),
+    "uld_loss": ("cross_tokenizer", "uld_loss"),
+    "hybrid_uld_loss": ("cross_tokenizer", "hybrid_uld_loss"),
+    "align_tokens": ("cross_tokenizer", "align_tokens"),
+    "TokenAlignment": ("cross_tokenizer", "TokenAlignment"),
+    "VocabMap": ("cross_tokenizer", "VocabMap"),
     "methods": ("methods", None),
     "distributed": ("distributed", None),  # vocab-parallel losses; importing needs no process group
 }
 
 __all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "capture", "SparseTeacher", "sparse_kd_loss",
-           "TeacherCache", "methods", "distributed", "__version__"]
+           "TeacherCache", "uld_loss", "hybrid_uld_loss", "align_tokens", "TokenAlignment", "VocabMap", "methods",
+           "distributed", "__version__"]
 
 
 def __getattr__(name):

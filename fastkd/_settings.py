@@ -269,3 +269,51 @@ def capture_settings(**kwargs) -> CaptureSettings:
     if "temperature" in kwargs:
         kwargs["temperature"] = float(kwargs["temperature"])
     return CaptureSettings(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-tokenizer (ULD and hybrid) settings
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ULDSettings:
+    """Validated settings of ``fastkd.uld_loss`` / ``fastkd.hybrid_uld_loss`` (see there).
+
+    ``teacher_temperature=None`` means: ``temperature`` for teacher logits, the capture temperature
+    for a ``SparseTeacher``. ``matched_weight``/``unmatched_weight`` are the hybrid's weights, both
+    ``None`` (the vocabulary overlap decides) or both numbers.
+    """
+
+    k: int = 256
+    temperature: float = 1.0
+    teacher_temperature: Optional[float] = None
+    matched_weight: Optional[float] = None
+    unmatched_weight: Optional[float] = None
+    reduction: str = "mean"
+    backend: str = "auto"
+
+
+ULD_SETTING_NAMES = tuple(f.name for f in fields(ULDSettings))
+
+
+def uld_settings(**kwargs) -> ULDSettings:
+    """Validate cross-tokenizer loss settings; the shared ones (temperature, reduction, backend) by
+    their rules above, so a bad value reads the same as in every other entry point."""
+    unknown = set(kwargs) - set(ULD_SETTING_NAMES)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    for name, value in kwargs.items():
+        if name == "k":
+            check_int("k", value, low=1)
+        elif name == "teacher_temperature":
+            check_real(name, value, low=0.0, low_open=True, finite=True, allow_none=True)
+        elif name in ("matched_weight", "unmatched_weight"):
+            check_real(name, value, low=0.0, finite=True, allow_none=True)
+        else:
+            check(name, value)
+    if (kwargs.get("matched_weight") is None) != (kwargs.get("unmatched_weight") is None):
+        raise ValueError("matched_weight and unmatched_weight must both be None (weights from the vocabulary "
+                         "overlap) or both be numbers")
+    for name in ("temperature", "teacher_temperature", "matched_weight", "unmatched_weight"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = float(kwargs[name])
+    return ULDSettings(**kwargs)

@@ -1,5 +1,5 @@
 // What the binding files of fastkd._C share: one binder per op family (csrc/bind/kd.cpp,
-// capture.cpp, sparse_kd.cpp), called by the module definition (csrc/bind/module.cpp), and the
+// capture.cpp, sparse_kd.cpp, uld.cpp), called by the module definition (csrc/bind/module.cpp), and the
 // conversion of the integer pointers Python passes.
 //
 // Every entry takes keyword-only arguments: raw pointers as integers (tensor.data_ptr(), 0: null),
@@ -23,6 +23,7 @@ T* as_ptr(int64_t p) {
 void bind_kd(pybind11::module_& m);
 void bind_capture(pybind11::module_& m);
 void bind_sparse_kd(pybind11::module_& m);
+void bind_uld(pybind11::module_& m);
 
 }  // namespace bind
 }  // namespace fastkd

@@ -18,4 +18,5 @@ PYBIND11_MODULE(_C, m) {
   fastkd::bind::bind_kd(m);
   fastkd::bind::bind_capture(m);
   fastkd::bind::bind_sparse_kd(m);
+  fastkd::bind::bind_uld(m);
 }

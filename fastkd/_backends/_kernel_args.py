@@ -68,3 +68,13 @@ def sparse_kd_args(student, ids, weights, target, divisor, loss, grad, *, tail, 
                 dtype=_ext.dtype_code(student.dtype), tail=int(tail), temperature=float(temperature),
                 soft_scale=float(soft_scale), hard_weight=float(hard_weight), ignore_index=int(ignore_index),
                 label_smoothing=float(label_smoothing))
+
+
+def uld_args(student, head, tail, cols, divisor, loss, grad, *, temperature, scale) -> dict:
+    """``head`` (N, k) and ``tail`` (N,) contiguous in the student's accumulation dtype; ``cols`` (V,)
+    contiguous uint8 or None (every column)."""
+    return dict(student=student.data_ptr(), head=head.data_ptr(), tail=tail.data_ptr(), cols=ptr(cols),
+                divisor=divisor.data_ptr(), loss=loss.data_ptr(), grad=grad.data_ptr(), n=student.shape[0],
+                vocab=student.shape[1], k=head.shape[1], stride_student=student.stride(0),
+                stride_grad=grad.stride(0), dtype=_ext.dtype_code(student.dtype), temperature=float(temperature),
+                scale=float(scale))

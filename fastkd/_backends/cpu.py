@@ -1,7 +1,7 @@
 """The ``cpu`` backend: the fused C++ kernels of ``fastkd._C`` (``csrc/cpu/``), OpenMP over rows.
 
 Implements ``kd`` (also loss-only, without writing a gradient), ``kd_shard``, ``capture_topk``,
-``capture_sample`` and ``sparse_kd`` for CPU tensors of every float dtype. The thread count follows
+``capture_sample``, ``sparse_kd`` and ``uld`` for CPU tensors of every float dtype. The thread count follows
 ``torch.get_num_threads()``. Registers nothing when the extension is not built.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ import torch
 
 from .. import _ext
 from . import registry
-from ._kernel_args import FINISH, DIV_SUMS, STATS, capture_sample_args, capture_topk_args, kd_args, sparse_kd_args
+from ._kernel_args import (DIV_SUMS, FINISH, STATS, capture_sample_args, capture_topk_args, kd_args, sparse_kd_args,
+                           uld_args)
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -70,6 +71,12 @@ def sparse_kd(student, ids, weights, target, divisor, loss, grad, **settings) ->
                                           grad, **settings), num_threads=torch.get_num_threads())
 
 
+def uld(student, head, tail, cols, divisor, loss, grad, *, temperature, scale) -> None:
+    c = None if cols is None else cols.to(torch.uint8).contiguous()
+    _ext.C.uld_cpu(**uld_args(student, head.contiguous(), tail.contiguous(), c, divisor, loss, grad,
+                              temperature=temperature, scale=scale), num_threads=torch.get_num_threads())
+
+
 if _ext.C is None:
     registry.unavailable("cpu", f"extension failed to load: {_ext.LOAD_ERROR}")
 else:
@@ -79,3 +86,4 @@ else:
     registry.register("cpu", "capture_topk", capture_topk, devices=_cpu, dtypes=_DTYPES)
     registry.register("cpu", "capture_sample", capture_sample, devices=_cpu, dtypes=_DTYPES)
     registry.register("cpu", "sparse_kd", sparse_kd, devices=_cpu, dtypes=_DTYPES)
+    registry.register("cpu", "uld", uld, devices=_cpu, dtypes=_DTYPES)

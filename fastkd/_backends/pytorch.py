@@ -1,7 +1,7 @@
 """The ``torch`` backend: the pure-PyTorch reference (``fastkd/_reference/``) for every op family,
 on every device and float dtype. It is also the test oracle (called with float64 inputs).
 
-Its ``kd`` and ``sparse_kd`` are plain autograd (cap ``"autograd"``): they return differentiable
+Its ``kd``, ``sparse_kd`` and ``uld`` are plain autograd (cap ``"autograd"``): they return differentiable
 loss rows instead of filling buffers, so the op layer calls them outside the custom ops.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from .._reference import kd as _kd
 from .._reference import kd_shard as _kd_shard
 from .._reference import sparse_kd as _sparse
 from .._reference import sparse_kd_shard as _sparse_shard
+from .._reference import uld as _uld
 from .._settings import DIVERGENCE_CODES, TAIL_CODES
 from . import registry
 
@@ -78,6 +79,12 @@ def sparse_kd(student, ids, weights, target, divisor, *, tail, temperature, soft
     return rows / divisor.to(rows.dtype)
 
 
+def uld(student, head, tail, cols, divisor, *, temperature, scale) -> torch.Tensor:
+    """ULD loss rows / divisor, differentiable w.r.t. the student."""
+    rows = _uld.uld_rows(student, head, tail, cols, temperature=temperature, scale=scale)
+    return rows / divisor.to(rows.dtype)
+
+
 class _SparseShard:
     """``sparse_kd_shard``: the phases of the vocab-parallel sparse loss."""
 
@@ -93,3 +100,4 @@ registry.register("torch", "capture_topk", capture_topk, devices=_ALL, dtypes=_D
 registry.register("torch", "capture_sample", capture_sample, devices=_ALL, dtypes=_DTYPES)
 registry.register("torch", "sparse_kd", sparse_kd, devices=_ALL, dtypes=_DTYPES, caps=("autograd",))
 registry.register("torch", "sparse_kd_shard", _SparseShard(), devices=_ALL, dtypes=_DTYPES)
+registry.register("torch", "uld", uld, devices=_ALL, dtypes=_DTYPES, caps=("autograd",))

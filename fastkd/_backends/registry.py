@@ -15,6 +15,7 @@ Op families (``OPS``):
 ``capture_sample``  sampled capture: inverse-CDF draws, unique ids and counts, lse
 ``sparse_kd``       the loss against a captured (sparse) teacher, and the student's gradient
 ``sparse_kd_shard`` the vocab-parallel phases of ``sparse_kd``
+``uld``             the Universal Logit Distillation loss (sorted probabilities), and the student's gradient
 ==================  ===========================================================================
 
 The rule (:func:`resolve`): ``backend="auto"`` takes the first backend of the device type's order
@@ -31,7 +32,7 @@ from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 import torch
 
-OPS = ("kd", "kd_shard", "scale_rows", "capture_topk", "capture_sample", "sparse_kd", "sparse_kd_shard")
+OPS = ("kd", "kd_shard", "scale_rows", "capture_topk", "capture_sample", "sparse_kd", "sparse_kd_shard", "uld")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ _OP_WORDS = {
     "kd": "fused kd", "kd_shard": "vocab-parallel kd", "scale_rows": "in-place row scaling",
     "capture_topk": "teacher-cache (top-k capture)",
     "capture_sample": "teacher-cache (sampled capture)", "sparse_kd": "teacher-cache (sparse loss)",
-    "sparse_kd_shard": "vocab-parallel sparse kd",
+    "sparse_kd_shard": "vocab-parallel sparse kd", "uld": "cross-tokenizer (ULD)",
 }
 
 

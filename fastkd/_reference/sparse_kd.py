@@ -53,8 +53,8 @@ def sparse_kd_rows(
 
     soft = xlogx_minus(w, torch.where(valid, log_q_i, torch.zeros_like(log_q_i))).sum(-1)
     if tail == "bucket":
-        in_set = torch.zeros(n, vocab, dtype=torch.bool, device=z.device)
-        in_set.scatter_(1, safe_ids, valid)
+        # counts, not a boolean scatter: padding maps to column 0 and must not overwrite a stored id 0
+        in_set = torch.zeros(n, vocab, dtype=torch.long, device=z.device).scatter_add_(1, safe_ids, valid.long()) > 0
         has_tail = (~in_set).any(-1, keepdim=True)
         # log(1 − Q_I) from the complement's own log-sum-exp (never 1 − Q_I by subtraction). Rows with
         # no complement use a harmless finite stand-in so that autograd never sees −inf − −inf.
