@@ -273,16 +273,14 @@ class VocabMap:
 
         def vocab(tok):
             try:
-                return tok.get_vocab(with_added_tokens=True)
-            except TypeError:
-                return tok.get_vocab()
+                v = tok.get_vocab(with_added_tokens=True)
+            except TypeError:  # a tokenizer whose get_vocab() takes no arguments
+                v = tok.get_vocab()
+            size = tok.get_vocab_size() if hasattr(tok, "get_vocab_size") else 0
+            return v, max(max(v.values(), default=-1) + 1, size)
 
-        sv, tv = vocab(student_tokenizer), vocab(teacher_tokenizer)
-        size = getattr(student_tokenizer, "get_vocab_size", None)
-        vm = cls(sv, tv, student_vocab_size=max(max(sv.values()) + 1, size() if size else 0),
-                 teacher_vocab_size=max(max(tv.values()) + 1,
-                                        teacher_tokenizer.get_vocab_size() if hasattr(teacher_tokenizer,
-                                                                                      "get_vocab_size") else 0))
+        (sv, ns), (tv, nt) = vocab(student_tokenizer), vocab(teacher_tokenizer)
+        vm = cls(sv, tv, student_vocab_size=ns, teacher_vocab_size=nt)
         _MAPS[key] = (student_tokenizer, teacher_tokenizer, vm)
         return vm
 
@@ -427,9 +425,9 @@ def hybrid_uld_loss(student_logits: torch.Tensor, teacher: Teacher, vocab_map: V
         loss_row = matched_weight * matched + unmatched_weight * unmatched
 
     ``matched`` is the KL between the two distributions coarsened to the buckets ``{m[j] : j ∈ J}``
-    plus one bucket for everything else: ``fastkd.sparse_kd_loss(student_logits / ·, teacher mapped
-    into the student's ids, tail="bucket", temperature=temperature, t2_scale=False)``, computed by
-    the fused sparse kernels. ``unmatched`` is :func:`uld_loss`'s row on the sub-distributions,
+    plus one bucket for everything else, i.e. the soft term of ``fastkd.sparse_kd_loss`` with
+    ``tail="bucket"`` against the teacher's stored entries moved to their student ids (entries
+    without a twin dropped into the tail bucket), computed by the fused sparse kernels. ``unmatched`` is :func:`uld_loss`'s row on the sub-distributions,
     *not* renormalised (as TRL's GOLD trainer): ``a`` the largest ``p_j`` over the unmatched student
     columns, ``b`` the teacher's unmatched entries of its top-``K_t`` in decreasing order (first ``kk``),
     ``T_s = p[unmatched].sum() − a.sum()``, and ``T_t`` = the teacher's exact unmatched mass minus

@@ -80,3 +80,14 @@ def test_replot_reads_the_newest_study(quality, tmp_path):
     assert summary["ce"]["ce_mean"] == pytest.approx(3.05)  # the newer study, not the older one
     assert summary["sampled"]["share_of_full_kd_gain"] == pytest.approx(0.19 / 0.2)
     assert (tmp_path / "q.png").stat().st_size > 10_000
+
+
+def test_cross_tokenizer_smoke_run(quality, tmp_path, monkeypatch):
+    """The cross-tokenizer arm end to end on tiny settings: two BPEs, the alignment, both losses."""
+    pytest.importorskip("tokenizers")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "xt.jsonl"
+    rows = quality.cross_tokenizer_main(["--cross-tokenizer", "--smoke", "--out", str(out)])
+    assert {r["method"] for r in rows} == {"ce", "uld", "hybrid"}
+    assert all(math.isfinite(r["bpc"]) and 0 < r["bpc"] < 10 for r in rows)
+    assert not out.exists()  # smoke numbers are never recorded
