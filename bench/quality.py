@@ -420,40 +420,24 @@ def _bpe(text_docs, vocab, path):
     return train_tokenizer([_Doc(t) for t in text_docs], vocab, path)
 
 
-def _xt_encode(tok, chunks):
-    """Padded ids (B, L), offsets (B, L, 2), lengths (B,)."""
-    encs = tok.encode_batch(chunks)
-    n = max(len(e.ids) for e in encs)
-    ids = torch.zeros(len(encs), n, dtype=torch.long)
-    off = torch.zeros(len(encs), n, 2, dtype=torch.long)
-    for i, e in enumerate(encs):
-        ids[i, :len(e.ids)] = torch.tensor(e.ids)
-        off[i, :len(e.ids)] = torch.tensor(e.offsets, dtype=torch.long).reshape(-1, 2)
-        off[i, len(e.ids):] = off[i, len(e.ids) - 1, 1]  # padding repeats the last end (never read)
-    return ids, off, torch.tensor([len(e.ids) for e in encs])
-
-
 def _lm_ce(model, ids, lengths):
-    """Summed next-token CE (nats) over the valid positions, and their count."""
+    """Summed next-token CE (nats) over the valid positions, their count, and the logits."""
+    from fastkd.demo.cross_tokenizer import next_token_targets
+
     logits = model(ids)[:, :-1]
-    y = ids[:, 1:].clone()
-    y[torch.arange(y.shape[1]).unsqueeze(0) >= (lengths.unsqueeze(1) - 1)] = -100
+    y = next_token_targets(ids, lengths)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
                            reduction="sum"), int((y != -100).sum()), logits
 
 
-@torch.no_grad()
 def _xt_bits_per_char(model, tok, chunks):
-    """Held-out bits per character: nats over every predicted token / ln 2 / characters they cover."""
+    """Held-out bits per character (fastkd.demo.cross_tokenizer.bits_per_char) of ``chunks``."""
+    from fastkd.demo.cross_tokenizer import bits_per_char, encode_with_offsets
+
     model.eval()
-    nats, chars = 0.0, 0
-    for i in range(0, len(chunks), 64):
-        ids, off, ln = _xt_encode(tok, chunks[i:i + 64])
-        ce, _, _ = _lm_ce(model, ids, ln)
-        nats += ce.item()
-        chars += sum(len(c) - int(off[j, 0, 1]) for j, c in enumerate(chunks[i:i + 64]))
+    bpc = bits_per_char(model, *encode_with_offsets(tok, chunks), batch_size=64)
     model.train()
-    return nats / math.log(2) / chars
+    return bpc
 
 
 def cross_tokenizer_main(argv):
@@ -485,6 +469,8 @@ def cross_tokenizer_main(argv):
         args.epochs, args.seeds, args.teacher_hidden, args.batch = 1, 2, 64, 8
     from pydoc_data.topics import topics
 
+    from fastkd.demo.cross_tokenizer import encode_with_offsets
+
     t0 = time.time()
     text = "\n".join(topics[k] for k in sorted(topics))
     split = int(len(text) * 0.9)
@@ -514,7 +500,7 @@ def cross_tokenizer_main(argv):
     else:
         opt = torch.optim.Adam(teacher.parameters(), lr=args.lr)
         for chunk in chunks_for(1, args.teacher_steps):
-            ids, _, ln = _xt_encode(t_tok, chunk)
+            ids, _, ln = encode_with_offsets(t_tok, chunk)
             ce, n, _ = _lm_ce(teacher, ids, ln)
             opt.zero_grad(set_to_none=True)
             (ce / n).backward()
@@ -536,8 +522,8 @@ def cross_tokenizer_main(argv):
     for seed in range(args.seed_offset, args.seed_offset + args.seeds):
         data = []
         for chunk in chunks_for(100 + seed, args.student_steps):
-            s_ids, s_off, s_ln = _xt_encode(s_tok, chunk)
-            t_ids, t_off, t_ln = _xt_encode(t_tok, chunk)
+            s_ids, s_off, s_ln = encode_with_offsets(s_tok, chunk)
+            t_ids, t_off, t_ln = encode_with_offsets(t_tok, chunk)
             al = fastkd.align_tokens(s_off, t_off, student_lengths=s_ln, teacher_lengths=t_ln)
             b, ps, pt = al.index(shift=1)
             with torch.no_grad():  # the teacher runs once per batch; later epochs reuse its top-k rows

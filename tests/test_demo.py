@@ -16,7 +16,10 @@ pytest.importorskip("tokenizers")
 import fastkd  # noqa: E402
 from fastkd.cli import main  # noqa: E402
 from fastkd.demo import data, report, run_demo, tokenizer  # noqa: E402
+from fastkd.demo import cross_tokenizer as xt_demo  # noqa: E402
 from fastkd.demo.evaluation import evaluate  # noqa: E402
+from fastkd.demo.presets import CROSS_RUNS, get_preset  # noqa: E402
+from fastkd.demo.runs import run_key  # noqa: E402
 from fastkd.demo.memory import PeakMemory  # noqa: E402
 
 HAS_CACHE = all(hasattr(fastkd, n) for n in ("TeacherCache", "capture", "sparse_kd_loss"))
@@ -125,6 +128,36 @@ def test_report_says_what_was_measured():
     assert "did not improve on CE alone" in text and "% of full KD" not in text
 
 
+def test_bits_per_char_matches_a_direct_computation():
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, 1, 2, 7], [3, 3, 4, 0]])
+    lengths = torch.tensor([4, 3])
+    # row 0: "ab", "c", "de", "f"; row 1: "x", "yz", "w" (then padding)
+    offsets = torch.tensor([[[0, 2], [2, 3], [3, 5], [5, 6]], [[0, 1], [1, 3], [3, 4], [4, 4]]])
+    table = torch.randn(8, 8)
+
+    def logits_fn(x):
+        return table[x]
+    got = xt_demo.bits_per_char(logits_fn, ids, offsets, lengths, batch_size=1)
+    logp = torch.log_softmax(table, -1)
+    nats = sum(-logp[ids[0, i], ids[0, i + 1]] for i in range(3)) + sum(-logp[ids[1, i], ids[1, i + 1]] for i in range(2))
+    chars = (6 - 2) + (4 - 1)  # each row from the end of its first token to the end of its last
+    assert got == pytest.approx(float(nats) / math.log(2) / chars, rel=1e-6)
+    assert xt_demo.next_token_targets(ids, lengths).tolist() == [[1, 2, 7], [3, 4, -100]]
+
+
+def test_run_keys_follow_the_settings_each_run_reads():
+    p = get_preset("tiny")
+    q = get_preset("tiny", cross_topk=32)
+    hot = get_preset("tiny", temperature=2.0)
+    assert run_key(p, "kd", "t", torch.device("cpu")) == run_key(q, "kd", "t", torch.device("cpu"))
+    assert run_key(p, "xt_ce", "t", torch.device("cpu")) == run_key(hot, "xt_ce", "t", torch.device("cpu"))
+    assert run_key(p, "xt_uld", "t", torch.device("cpu")) != run_key(q, "xt_uld", "t", torch.device("cpu"))
+    assert run_key(p, "xt_uld", "t", torch.device("cpu")) != run_key(hot, "xt_uld", "t", torch.device("cpu"))
+    with pytest.raises(ValueError, match="cross_vocab_size"):
+        get_preset("tiny", cross_vocab_size=100)
+
+
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--preset", "nope"])
@@ -159,14 +192,29 @@ def test_demo_tiny_end_to_end_and_cached_second_run(tmp_path, capsys):
         assert c["beats_ce"], (name, c)
     assert summary["teacher"]["heldout"]["loss"] < summary["runs"]["ce"]["heldout_loss"]
 
+    # The cross-tokenizer runs: students on a second BPE, held-out bits per character.
+    xt = summary["cross_tokenizer"]
+    assert list(xt["runs"]) == list(CROSS_RUNS)
+    assert xt["student_vocab"] == preset["cross_vocab_size"] and xt["teacher_vocab"] == summary["vocab_size"]
+    assert 0 < xt["num_matched"] <= xt["student_vocab"]
+    assert (out / "cross_tokenizer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name, r in xt["runs"].items():
+        bpc = [h["bpc"] for h in r["history"]]
+        assert all(math.isfinite(b) for b in bpc) and bpc[-1] < bpc[0], name  # every run learns
+        assert [h["step"] for h in r["history"]][-1] == preset["student_steps"]
+        assert r["label"] in table
+    assert xt["teacher_bpc"] < xt["runs"]["xt_ce"]["heldout_bpc"]
+
     # A second invocation reuses the tokenizer, teacher and run results instead of recomputing them.
     capsys.readouterr()
     again = run_demo("tiny", cache_dir=str(tmp_path), progress=True)
     assert again["teacher"] == summary["teacher"]
     for name in expected:
         assert again["runs"][name] == summary["runs"][name]
+    assert again["cross_tokenizer"]["runs"] == xt["runs"]
     printed = capsys.readouterr().out
-    assert printed.count("cached result") == len(expected) and "training the teacher" not in printed
+    assert printed.count("cached result") == len(expected) + len(CROSS_RUNS)
+    assert "training the teacher" not in printed and "bits/char against the students' CE alone" in printed
     assert "lowered the held-out loss" in printed
     if HAS_CACHE:
         assert "of full KD's gain over CE" in printed

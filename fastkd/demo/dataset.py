@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, List
 
 import numpy as np
 import torch
@@ -27,12 +27,21 @@ class DemoData:
     train_blocks: np.ndarray  # (n, seq_len) int64: the whole train part, the teacher's data
     transfer: np.ndarray      # (transfer_blocks, seq_len) int64: what the students train on
     heldout: torch.Tensor     # (heldout_blocks, seq_len) int64: evaluation
+    tokenizer: object         # the trained tokenizers.Tokenizer (the teacher's and the main students')
+    train_documents: List[data.Document]
 
     def corpus_summary(self) -> dict:
         return {"fingerprint": self.fingerprint, "train_docs": self.train_docs,
                 "heldout_docs": self.heldout_docs, "train_tokens": self.train_tokens,
                 "heldout_tokens": self.heldout_tokens, "transfer_tokens": int(self.transfer.size),
                 "heldout_eval_tokens": int(self.heldout[:, 1:].numel())}
+
+
+def data_dir(cache_dir: str, fingerprint: str, vocab_size: int) -> str:
+    """Where the BPE of ``vocab_size`` entries trained on a corpus, and its encodings, are cached."""
+    path = os.path.join(cache_dir, f"data-{fingerprint}-v{vocab_size}")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def prepare_data(p: Preset, cache_dir: str, say: Callable[[str], None], device_label: str = "") -> tuple:
@@ -44,8 +53,7 @@ def prepare_data(p: Preset, cache_dir: str, say: Callable[[str], None], device_l
     docs = data.load_documents(p.max_chars, subpackages=p.subpackages)
     train_docs, held_docs = data.split_documents(docs)
     fp = data.fingerprint(docs)
-    tok_dir = os.path.join(cache_dir, f"data-{fp}-v{p.vocab_size}")
-    os.makedirs(tok_dir, exist_ok=True)
+    tok_dir = data_dir(cache_dir, fp, p.vocab_size)
     chars = sum(len(d.text) for d in docs)
     say(f"[fastkd demo] preset {p.name}: {len(train_docs)} train / {len(held_docs)} held-out documents "
         f"({chars / 1e6:.1f} M characters), device {device_label}")
@@ -68,5 +76,6 @@ def prepare_data(p: Preset, cache_dir: str, say: Callable[[str], None], device_l
         f"tokens; students train on {len(transfer)} x {p.seq_len} tokens for {p.epochs:.1f} epochs")
     out = DemoData(fingerprint=fp, vocab_size=vocab, train_docs=len(train_docs), heldout_docs=len(held_docs),
                    characters=chars, train_tokens=int(len(train_ids)), heldout_tokens=int(len(held_ids)),
-                   train_blocks=train_blocks, transfer=transfer, heldout=heldout)
+                   train_blocks=train_blocks, transfer=transfer, heldout=heldout, tokenizer=tok,
+                   train_documents=train_docs)
     return out, p

@@ -1,7 +1,8 @@
 """``run_demo``: the demo's stages in order, each cached under ``cache_dir``.
 
 text shipped with Python → byte-level BPE → a GPT-2-style teacher trained here → student runs at
-one common budget → table, findings, PNG plot and JSON summary. A second invocation with the same
+one common budget → cross-tokenizer student runs (a second BPE) → table, findings, PNG plots and
+JSON summary. A second invocation with the same
 settings reuses the tokenizer, the token arrays, the teacher and the finished runs.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from . import environment, provenance, report
 from .dataset import prepare_data
 from .evaluation import heldout_evaluator
 from .presets import Preset, get_preset
+from .cross_tokenizer import run_cross_runs
 from .runs import run_students
 from .storage import save_json
 from .teacher import load_or_train
@@ -38,7 +40,9 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
             (default ``$FASTKD_CACHE_DIR`` or ``./.fastkd_cache``).
         out_dir: where table.md, heldout_loss.png and summary.json go (default
             ``<cache_dir>/demo-<preset>``).
-        runs: subset of ("ce", "kd", "cache_topk", "cache_sample").
+        runs: subset of ``ALL_RUNS``: "ce", "kd", "cache_topk", "cache_sample" (students on the
+            teacher's BPE) and "xt_ce", "xt_uld", "xt_hybrid" (students on a second BPE of
+            ``cross_vocab_size`` entries, taught across tokenizers; see ``fastkd.demo.cross_tokenizer``).
         force: redo the student runs even if their results are cached.
         device: "cpu" or "cuda" (default: the preset's, falling back to CPU without a GPU).
         **overrides: any Preset field (e.g. vocab_size=32000, student_steps=200).
@@ -76,33 +80,50 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
                                     teacher_key=tkey, dataset_fp=data.fingerprint, out_dir=out_dir, device=dev,
                                     force=force, progress=progress, say=say)
 
-    # 4. report
+    # 4. students that read another BPE, taught across tokenizers
+    t0 = time.perf_counter()
+    xt = run_cross_runs(p, data, teacher=teacher, teacher_key=tkey, cache_dir=cache_dir, out_dir=out_dir,
+                        device=dev, force=force, progress=progress, say=say)
+    timings["cross_tokenizer_s"] = time.perf_counter() - t0
+
+    # 5. report
     vocab = data.vocab_size
     comps = report.comparisons(results)
-    table = report.markdown_table(results, comps)
-    plot = report.plot_losses(results, os.path.join(out_dir, "heldout_loss.png"),
-                              f"fastkd demo ({p.name}): V={vocab}, student {p.student.n_layer}L/"
-                              f"{p.student.n_embd}d, teacher {p.teacher.n_layer}L/{p.teacher.n_embd}d",
-                              teacher_loss=tinfo["heldout"]["loss"])
+    tables = []
+    plot = None
+    if results:
+        tables.append(report.markdown_table(results, comps))
+        plot = report.plot_losses(results, os.path.join(out_dir, "heldout_loss.png"),
+                                  f"fastkd demo ({p.name}): V={vocab}, student {p.student.n_layer}L/"
+                                  f"{p.student.n_embd}d, teacher {p.teacher.n_layer}L/{p.teacher.n_embd}d",
+                                  teacher_loss=tinfo["heldout"]["loss"])
+    if xt is not None:
+        tables.append(report.cross_table(xt))
+        xt["plot"] = report.plot_bits_per_char(
+            xt, os.path.join(out_dir, "cross_tokenizer.png"),
+            f"fastkd demo ({p.name}): teacher BPE {xt['teacher_vocab']}, students BPE {xt['student_vocab']}")
+    table = "\n\n".join(tables)
     timings["total_s"] = time.perf_counter() - t_start
     timings["total_cpu_s"] = time.process_time() - cpu_start  # CPU time of this process, all threads
     summary = {
         "preset": dataclasses.asdict(p), "vocab_size": vocab, "device": str(dev),
         "device_name": provenance.device_name(dev), "cpu_threads": torch.get_num_threads(),
         "versions": provenance.versions(), "date": provenance.utc_now(), "corpus": data.corpus_summary(),
-        "teacher": tinfo, "runs": results, "skipped": skipped, "comparisons": comps, "timings": timings,
-        "table": table, "plot": plot,
+        "teacher": tinfo, "runs": results, "cross_tokenizer": xt, "skipped": skipped, "comparisons": comps,
+        "timings": timings, "table": table, "plot": plot,
     }
     with open(os.path.join(out_dir, "table.md"), "w") as fh:
         fh.write(table + "\n")
     save_json(summary, os.path.join(out_dir, "summary.json"))
     if progress:
         print("\n" + table + "\n")
-        for line in report.findings(results, comps):
+        lines = (report.findings(results, comps) if results else []) + (report.cross_findings(xt) if xt else [])
+        for line in lines:
             print(f"  {line}")
         if p.name == "tiny":
             print("  (the tiny preset is a smoke test: a few steps on a few thousand tokens, so its gains are "
                   "noisy; the default preset is the measurement)")
         print(f"\nteacher held-out loss {tinfo['heldout']['loss']:.4f}; total {timings['total_s']:.0f} s")
-        print(f"plot: {plot}\nsummary: {os.path.join(out_dir, 'summary.json')}")
+        plots = [path for path in (plot, xt and xt["plot"]) if path]
+        print(f"plot: {', '.join(plots)}\nsummary: {os.path.join(out_dir, 'summary.json')}")
     return summary

@@ -7,10 +7,14 @@ from typing import Optional, Tuple
 
 from .models import ModelSpec
 
-ALL_RUNS = ("ce", "kd", "cache_topk", "cache_sample")
-# Fields that only the distilled runs read: the CE run's cached result stays valid when they change.
+STUDENT_RUNS = ("ce", "kd", "cache_topk", "cache_sample")  # students that read the teacher's BPE
+CROSS_RUNS = ("xt_ce", "xt_uld", "xt_hybrid")  # students that read a second BPE (fastkd.demo.cross_tokenizer)
+ALL_RUNS = STUDENT_RUNS + CROSS_RUNS
+# Fields that only the distilled runs read: a CE run's cached result stays valid when they change.
 KD_ONLY_FIELDS = ("temperature", "soft_weight", "hard_weight", "kd_chunk_size", "topk", "num_samples", "sampling",
-                  "runs")
+                  "runs", "cross_topk", "cross_weight")
+# Fields that only the cross-tokenizer runs read.
+CROSS_FIELDS = ("cross_vocab_size", "cross_topk", "cross_weight")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class Preset:
     seed: int = 1234
     runs: Tuple[str, ...] = field(default=ALL_RUNS)
     subpackages: bool = False  # corpus: also the stdlib's packages, not only its top-level modules
+    # Cross-tokenizer runs: the students' BPE size, the teacher's top-k kept per aligned row, and the
+    # weight of the cross-tokenizer term next to the students' CE (loss = CE + cross_weight * term).
+    cross_vocab_size: int = 4096
+    cross_topk: int = 256
+    cross_weight: float = 1.0
 
     @property
     def epochs(self) -> float:
@@ -61,12 +70,14 @@ PRESETS = {
         name="tiny", max_chars=400_000, vocab_size=1024, seq_len=32,
         teacher=ModelSpec(2, 64, 2), student=ModelSpec(1, 32, 2),
         teacher_steps=40, teacher_lr=5e-3, batch_size=8, student_steps=12, student_lr=5e-3,
-        transfer_blocks=32, heldout_blocks=8, eval_every=4, grad_accum=2, topk=16, num_samples=20),
+        transfer_blocks=32, heldout_blocks=8, eval_every=4, grad_accum=2, topk=16, num_samples=20,
+        cross_vocab_size=512, cross_topk=64),
     "gpu": Preset(
         name="gpu", max_chars=40_000_000, subpackages=True, vocab_size=32000, seq_len=256,
         teacher=ModelSpec(8, 512, 8), student=ModelSpec(4, 256, 4),
         teacher_steps=1500, teacher_lr=1.5e-3, batch_size=32, student_steps=600, student_lr=2e-3,
-        transfer_blocks=4800, heldout_blocks=256, eval_every=50, device="cuda", autocast_bf16=True),
+        transfer_blocks=4800, heldout_blocks=256, eval_every=50, device="cuda", autocast_bf16=True,
+        cross_vocab_size=16000),
 }
 
 
@@ -80,6 +91,7 @@ def get_preset(name: str, **overrides) -> Preset:
         if bad:
             raise ValueError(f"runs must be drawn from {ALL_RUNS}, got {bad}")
         overrides["runs"] = tuple(overrides["runs"])
-    if overrides.get("vocab_size", preset.vocab_size) < 256 + 1:
-        raise ValueError("vocab_size must be at least 257 (256 bytes + end-of-text)")
+    for name in ("vocab_size", "cross_vocab_size"):
+        if overrides.get(name, getattr(preset, name)) < 256 + 1:
+            raise ValueError(f"{name} must be at least 257 (256 bytes + end-of-text)")
     return replace(preset, **overrides)

@@ -102,3 +102,58 @@ def plot_losses(runs: Dict[str, Dict], path: str, title: str, teacher_loss: Opti
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---- the cross-tokenizer runs (held-out bits per character) -------------------------------------
+def cross_comparisons(xt: Dict) -> Dict[str, float]:
+    """Each cross-tokenizer term's gain over the students' CE run, in held-out bits per character."""
+    runs = xt["runs"]
+    if "xt_ce" not in runs:
+        return {}
+    base = runs["xt_ce"]["heldout_bpc"]
+    return {name: base - r["heldout_bpc"] for name, r in runs.items() if name != "xt_ce"}
+
+
+def cross_table(xt: Dict) -> str:
+    gains = cross_comparisons(xt)
+    rows = [f"Teacher BPE {xt['teacher_vocab']} → student BPE {xt['student_vocab']} ({xt['num_matched']} student "
+            f"tokens also in the teacher's vocabulary); teacher held-out {xt['teacher_bpc']:.4f} bits/char.", "",
+            "| run | held-out bits/char | gain over CE (bits/char) | tokens/s |", "|---|---:|---:|---:|"]
+    for name, r in xt["runs"].items():
+        gain = gains.get(name)
+        rows.append(f"| {r['label']} | {r['heldout_bpc']:.4f} | {'—' if gain is None else format(gain, '+.4f')} | "
+                    f"{r['tokens_per_s']:.0f} |")
+    return "\n".join(rows)
+
+
+def cross_findings(xt: Dict) -> List[str]:
+    runs, gains = xt["runs"], cross_comparisons(xt)
+    lines = []
+    for name, gain in gains.items():
+        verb = "lowered" if gain > 0 else "raised"
+        lines.append(f"Across tokenizers, {runs[name]['label']} {verb} the held-out loss by {abs(gain):.4f} "
+                     f"bits/char against the students' CE alone (one seed; docs/cross_tokenizer.md has 5).")
+    return lines
+
+
+def plot_bits_per_char(xt: Dict, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for r in xt["runs"].values():
+        hist = r["history"][1:] or r["history"]  # the step-0 point (random init) would flatten the curves
+        ax.plot([h["step"] for h in hist], [h["bpc"] for h in hist], marker=".", label=r["label"])
+    ax.axhline(xt["teacher_bpc"], color="grey", ls="--", lw=1, label=f"teacher (BPE {xt['teacher_vocab']})")
+    ax.set_xlabel("optimizer step (same budget for every run)")
+    ax.set_ylabel("held-out bits per character")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -18,7 +18,7 @@ from fastkd._backends import registry
 from .environment import autocast_dtype
 from .evaluation import heldout_evaluator
 from .memory import PeakMemory
-from .presets import KD_ONLY_FIELDS, Preset
+from .presets import CROSS_FIELDS, CROSS_RUNS, KD_ONLY_FIELDS, STUDENT_RUNS, Preset
 from .storage import cache_key, load_json, save_json
 
 RUN_LABELS = {
@@ -186,13 +186,14 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
 
 
 def run_key(p: Preset, name: str, teacher_key: str, device: torch.device) -> str:
-    """The cache key of one run's result: every preset field it reads (the CE run ignores the KD
-    settings), the teacher, the fastkd version and the device."""
+    """The cache key of one run's result: every preset field it reads (the CE runs ignore the KD
+    settings, the teacher-BPE runs the cross-tokenizer ones), the teacher, the fastkd version and the
+    device."""
     settings = dataclasses.asdict(p)
     settings.pop("runs")
-    if name == "ce":
-        for field in KD_ONLY_FIELDS:
-            settings.pop(field, None)
+    unread = (KD_ONLY_FIELDS if name in ("ce", "xt_ce") else ()) + (() if name in CROSS_RUNS else CROSS_FIELDS)
+    for field in unread:
+        settings.pop(field, None)
     return cache_key(settings, name, teacher_key, fastkd.__version__, str(device))
 
 
@@ -211,7 +212,7 @@ def run_students(p: Preset, *, train_blocks: np.ndarray, heldout: torch.Tensor, 
     skipped: Dict[str, str] = {}
     run_dir = os.path.join(out_dir, "runs")
     os.makedirs(run_dir, exist_ok=True)
-    for name in p.runs:
+    for name in (r for r in p.runs if r in STUDENT_RUNS):
         if name.startswith("cache_") and not has_cache:
             skipped[name] = "fastkd.TeacherCache / capture / sparse_kd_loss are not available in this build"
             say(f"[fastkd demo] skipping {name}: {skipped[name]}")
