@@ -18,6 +18,7 @@ Needs nvcc and cuobjdump (CUDA toolkit); no GPU, no torch.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import os
@@ -278,8 +279,11 @@ def triton_kd_configs(arch: str = "90", dtype: str = "bf16", vocab: int = 128256
 def analyse(arch: str = "90"):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for stem in SOURCES:
-            cubin, log = _compile(ROOT / "csrc" / "cuda" / f"{stem}.cu", arch, Path(tmp))
+        # nvcc builds one file on one core: the files are built side by side.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            built = list(pool.map(lambda stem: _compile(ROOT / "csrc" / "cuda" / f"{stem}.cu", arch, Path(tmp)),
+                                  SOURCES))
+        for stem, (cubin, log) in zip(SOURCES, built):
             info = _ptxas_info(log)
             sass = _sass_functions(cubin)
             names = _demangle(sorted(info))

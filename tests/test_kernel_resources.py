@@ -52,25 +52,33 @@ def test_triton_kd_configs_spill_nothing_and_keep_16_byte_loads():
     whose candidates differ), built for sm_90 in a fresh process (Triton's interpreter is on in this
     one)."""
     pytest.importorskip("triton")
-    code = (
-        "import importlib.util, json, sys\n"
-        f"spec = importlib.util.spec_from_file_location('kr', {SCRIPT!r})\n"
-        "kr = importlib.util.module_from_spec(spec); spec.loader.exec_module(kr)\n"
-        "out = []\n"
-        "for dtype, vocab, cap in (('bf16', 50257, False), ('fp32', 128256, False), ('bf16', 50257, True),\n"
-        "                          ('fp32', 50257, True)):\n"
-        "    for div in (2, 5):\n"
-        "        for row in kr.triton_kd_configs('90', dtype, vocab, div, True, cap):\n"
-        "            out.append(dict(row, case=f'{dtype} V={vocab} softcap={cap}', div=div))\n"
-        "print(json.dumps(out))\n")
     from test_capture import _triton_ptxas
 
     if _triton_ptxas() is None:
         pytest.skip("this Triton has no ptxas to build cubins with")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
+
+    def build(div):
+        code = (
+            "import importlib.util, json, sys\n"
+            f"spec = importlib.util.spec_from_file_location('kr', {SCRIPT!r})\n"
+            "kr = importlib.util.module_from_spec(spec); spec.loader.exec_module(kr)\n"
+            "out = []\n"
+            "for dtype, vocab, cap in (('bf16', 50257, False), ('fp32', 128256, False), ('bf16', 50257, True),\n"
+            "                          ('fp32', 50257, True)):\n"
+            f"    for row in kr.triton_kd_configs('90', dtype, vocab, {div}, True, cap):\n"
+            f"        out.append(dict(row, case=f'{{dtype}} V={{vocab}} softcap={{cap}}', div={div}))\n"
+            "print(json.dumps(out))\n")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+
+    # One process per divergence, side by side: each builds its candidates on one core.
+    procs = [build(div) for div in (2, 5)]
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-4000:]
+        rows += json.loads(out.strip().splitlines()[-1])
     assert {row["case"] for row in rows} == {"bf16 V=50257 softcap=False", "fp32 V=128256 softcap=False",
                                               "bf16 V=50257 softcap=True", "fp32 V=50257 softcap=True"}
     assert len(rows) >= 20 and {row["div"] for row in rows} == {2, 5}
