@@ -14,12 +14,13 @@ _LAZY = {
     "SparseTeacher": ("cache", "SparseTeacher"),
     "sparse_kd_loss": ("losses", "sparse_kd_loss"),
     "TeacherCache": ("cache", "TeacherCache"),
+    "logprobs_from_vllm": ("cache", "logprobs_from_vllm"),
     "methods": ("methods", None),
     "distributed": ("distributed", None),  # vocab-parallel losses; importing needs no process group
 }
 
 __all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "capture", "SparseTeacher", "sparse_kd_loss",
-           "TeacherCache", "methods", "distributed", "__version__"]
+           "TeacherCache", "logprobs_from_vllm", "methods", "distributed", "__version__"]
 
 
 def __getattr__(name):
