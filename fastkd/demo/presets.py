@@ -7,10 +7,10 @@ from typing import Optional, Tuple
 
 from .models import ModelSpec
 
-ALL_RUNS = ("ce", "kd", "cache_topk", "cache_sample")
+ALL_RUNS = ("ce", "kd", "cache_topk", "cache_sample", "served_top20")
 # Fields that only the distilled runs read: the CE run's cached result stays valid when they change.
 KD_ONLY_FIELDS = ("temperature", "soft_weight", "hard_weight", "kd_chunk_size", "topk", "num_samples", "sampling",
-                  "runs")
+                  "served_k", "runs")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Preset:
     topk: int = 64
     num_samples: int = 50
     sampling: str = "systematic"  # sampled cache draws (fastkd.capture): "systematic" or "iid"
+    served_k: int = 20  # served_top20: log-probabilities per token an inference server returns (at τ = 1)
     device: str = "cpu"
     autocast_bf16: bool = False
     seed: int = 1234
