@@ -138,6 +138,8 @@ def test_logprobs_from_vllm_objects_and_floats():
     assert st.shape == (2,)  # T = 3 prompt tokens, T − 1 = 2 teacher rows
     ids2, _, _ = logprobs_from_vllm(pl, k=2)
     assert ids2.tolist() == [[5, 2], [3, 4]]
+    ids4, _, mask4 = logprobs_from_vllm(pl, k=4)   # padded to the width of a k = 4 cache
+    assert ids4.tolist() == [[5, 2, 9, PAD_ID], [3, 4, PAD_ID, PAD_ID]] and mask4.sum() == 5
     with pytest.raises(ValueError, match=r"prompt_logprobs\[1\] is None"):
         logprobs_from_vllm([None, None, {1: -0.1}])
 

@@ -352,6 +352,8 @@ def _row_name(lead: tuple, r: int) -> str:
         idx.append(r % size)
         r //= size
     idx = tuple(reversed(idx))
+    if not idx:
+        return "the row"
     return f"row {idx[0]}" if len(idx) == 1 else f"row {idx}"
 
 
@@ -427,9 +429,10 @@ def logprobs_from_vllm(prompt_logprobs, *, k: Optional[int] = None
     student's logits at position j (``student_logits[:, :-1]``, labels ``tokens[1:]``).
 
     Per row the entries are ordered by decreasing log-probability (ties keep the server's order),
-    cut to the first ``k`` if given; rows with fewer entries than the longest are padded (id
-    ``PAD_ID``, log-probability −inf, mask False). Returns int64 ``(T − 1, K)``, float32
-    ``(T − 1, K)`` and bool ``(T − 1, K)`` tensors.
+    cut to the first ``k`` if given; rows with fewer entries than ``K`` are padded (id ``PAD_ID``,
+    log-probability −inf, mask False), where ``K = k`` if given (so every sequence has the width of
+    a cache of that k), else the longest row. Returns int64 ``(T − 1, K)``, float32 ``(T − 1, K)``
+    and bool ``(T − 1, K)`` tensors.
     """
     if k is not None:
         check_k(k)
@@ -444,7 +447,7 @@ def logprobs_from_vllm(prompt_logprobs, *, k: Optional[int] = None
         items = [(int(tid), float(getattr(x, "logprob", x))) for tid, x in entry.items()]
         items.sort(key=lambda item: -item[1])
         rows.append(items[:k] if k is not None else items)
-    width = max([len(r) for r in rows] + [1])
+    width = k if k is not None else max([len(r) for r in rows] + [1])
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.int64)
     lps = torch.full((len(rows), width), float("-inf"), dtype=torch.float32)
     mask = torch.zeros((len(rows), width), dtype=torch.bool)
