@@ -94,23 +94,18 @@ def _record_batches(cache, sids, batch_size: int, bar) -> Iterator:
         yield pa.RecordBatch.from_pydict(cols)
 
 
-def to_dataset(cache, path: Optional[str] = None, *, batch_size: int = 256, progress: bool = True,
-               sample_ids=None):
-    """The cache as a ``datasets.Dataset`` (see the module docstring for the layout).
+def to_dataset(cache, sids, path: Optional[str] = None, *, batch_size: int = 256, progress: bool = True):
+    """The samples ``sids`` of ``cache`` (a ``TeacherCache``) as a ``datasets.Dataset`` (see the
+    module docstring for the layout).
 
     Samples are read ``batch_size`` at a time and appended to an Arrow stream file at ``path``
     (default: ``teacher.arrow`` in a new temporary directory), which the returned dataset memory-maps:
-    memory stays bounded by one batch whatever the cache's size. ``sample_ids``: the samples to
-    export (default: all, in increasing id order)."""
+    memory stays bounded by one batch whatever the cache's size."""
     import datasets
     import pyarrow as pa
 
     if cache.manifest is None:
         raise ValueError(f"TeacherCache {cache.path!r} is empty (no manifest): nothing to export")
-    from .store import _as_id_list
-
-    cache.refresh()
-    sids = sorted(cache._index) if sample_ids is None else _as_id_list(sample_ids)
     if path is None:
         path = os.path.join(tempfile.mkdtemp(prefix="fastkd-dataset-"), "teacher.arrow")
     man = cache.manifest
@@ -164,10 +159,12 @@ def _dense(inner: np.ndarray, values: np.ndarray, width: int, fill, dtype) -> np
     return out
 
 
-def from_dataset(dataset, path, *, batch_size: int = 256, progress: bool = True, vocab_size: Optional[int] = None,
+def from_dataset(dataset, open_cache, *, batch_size: int = 256, progress: bool = True,
+                 vocab_size: Optional[int] = None,
                  k: Optional[int] = None, temperature: Optional[float] = None, teacher: Optional[str] = None,
                  dataset_name: Optional[str] = None, values_dtype=None, sync: bool = True, **cache_kwargs):
-    """A new (or extended) ``TeacherCache`` at ``path`` holding the rows of ``dataset``.
+    """A new (or extended) ``TeacherCache`` holding the rows of ``dataset``: ``open_cache(**settings)``
+    opens it (``TeacherCache.from_dataset`` passes one for its ``path``).
 
     Accepted layouts: fastkd's own (the module docstring; its provenance comes from the dataset's
     info), or other tools' per-position ``target_token_ids`` (K ids), ``target_logprobs`` (their
@@ -179,8 +176,6 @@ def from_dataset(dataset, path, *, batch_size: int = 256, progress: bool = True,
 
     Rows are read ``batch_size`` at a time (as Arrow batches) and written as they come: memory stays
     bounded by one batch."""
-    from .store import TeacherCache
-
     names = set(dataset.column_names)
     prov = provenance(dataset) or {}
     own = "token_ids" in names and ("logprobs" in names or "counts" in names)
@@ -220,7 +215,7 @@ def from_dataset(dataset, path, *, batch_size: int = 256, progress: bool = True,
                 if inner.size:
                     k = max(k, int(inner.max()))
         kw["k"] = k
-    cache = TeacherCache(path, **kw)
+    cache = open_cache(**kw)
     try:
         _import_rows(cache, dataset, own, mode, id_col, val_col, vocab_size, temperature, batch_size, progress)
     except BaseException:

@@ -1113,20 +1113,26 @@ class TeacherCache:
         """This cache as a Hugging Face ``datasets.Dataset``: one row per sample with per-position
         lists (ids and log-probabilities, or ids and counts), the manifest's provenance in the
         dataset's ``info``; streamed in batches of ``batch_size`` samples into an Arrow file at
-        ``path`` that the dataset memory-maps. Layout and arguments: :func:`fastkd.cache.hf.to_dataset`."""
+        ``path`` (default: a new temporary directory) that the dataset memory-maps. ``sample_ids``:
+        the samples to export (default: all, by increasing id). Layout: ``fastkd/cache/hf.py``."""
         from . import hf
 
-        return hf.to_dataset(self, path, batch_size=batch_size, progress=progress, sample_ids=sample_ids)
+        self.refresh()
+        sids = sorted(self._index) if sample_ids is None else _as_id_list(sample_ids)
+        return hf.to_dataset(self, sids, path, batch_size=batch_size, progress=progress)
 
     @staticmethod
     def from_dataset(dataset, path: Union[str, os.PathLike], **kwargs) -> "TeacherCache":
         """A ``TeacherCache`` at ``path`` filled from a ``datasets.Dataset``: fastkd's own export
         (:meth:`to_dataset`) or other offline-KD tools' per-position ``target_token_ids`` /
         ``target_logprobs`` / ``target_mask`` columns; streamed in batches, every row checked as
-        by :meth:`write`. Arguments: :func:`fastkd.cache.hf.from_dataset`."""
+        by :meth:`write`. Keyword arguments: ``batch_size``, ``progress``, and the cache settings
+        (``vocab_size``, ``k``, ``temperature``, ``teacher``, ``dataset_name``, ``values_dtype``,
+        ``num_samples``, ``sampling``, ``sync``, ...) where the dataset records none or to check
+        them against its provenance (:func:`fastkd.cache.hf.from_dataset`)."""
         from . import hf
 
-        return hf.from_dataset(dataset, path, **kwargs)
+        return hf.from_dataset(dataset, lambda **settings: TeacherCache(path, **settings), **kwargs)
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property

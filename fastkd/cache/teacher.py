@@ -300,6 +300,7 @@ def capture(teacher_logits: torch.Tensor, *, k: int = 64, temperature: float = 1
     """
     cs = capture_settings(mode=mode, k=k, num_samples=num_samples, sampling=sampling, temperature=temperature,
                           backend=backend)
+    check("vocab_size", vocab_size)
     _inputs.check_logits("teacher_logits", teacher_logits)
     teacher_logits = _inputs.narrow_vocab("teacher_logits", teacher_logits, vocab_size)
     vocab = teacher_logits.shape[-1]
