@@ -4,8 +4,11 @@ Fills a top-k cache with ``--tokens`` tokens (``--seq`` tokens per sample, k = `
 log-probabilities per token over a ``--vocab`` vocabulary, written through
 ``SparseTeacher.from_logprobs``), then runs the export and the import each in a fresh child process
 and reports its peak resident memory (VmHWM) next to the resident memory after the imports (torch,
-fastkd, datasets) and the time taken. Both directions stream in batches of ``--batch-size`` samples,
-so the peak should not grow with the cache: ``--tokens`` can be varied to check.
+fastkd, datasets) and the time taken. Resident memory includes the pages of the memory-mapped
+files read (the cache's shards, the Arrow file), which grow with their size and which the kernel
+reclaims at will; the peak of the anonymous part (RssAnon, sampled every 5 ms) is what the process
+itself holds. Both directions stream in batches of ``--batch-size`` samples, so that part should
+not grow with the cache: ``--tokens`` can be varied to check.
 
     python bench/teacher_dataset.py                      # 1 M tokens, ~1-2 minutes on 2 cores
     python bench/teacher_dataset.py --tokens 250000      # the same at a quarter of the size
@@ -57,12 +60,23 @@ def fill(path: str, tokens: int, seq: int, k: int, vocab: int, batch: int) -> di
 
 
 def stage(which: str, cache_dir: str, arrow: str, batch: int) -> dict:
+    import threading
+
     import datasets  # noqa: F401  (counted in the baseline)
     import torch  # noqa: F401
 
     import fastkd
 
     base = _mem_mib("VmRSS")
+    base_anon = _mem_mib("RssAnon")
+    peak_anon = [base_anon]
+    done = threading.Event()
+
+    def watch():
+        while not done.wait(0.005):
+            peak_anon[0] = max(peak_anon[0], _mem_mib("RssAnon"))
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     t0 = time.time()
     if which == "export":
         with fastkd.TeacherCache(cache_dir, readonly=True) as cache:
@@ -75,8 +89,12 @@ def stage(which: str, cache_dir: str, arrow: str, batch: int) -> dict:
         with fastkd.TeacherCache.from_dataset(ds, cache_dir, batch_size=batch, progress=False,
                                               vocab_size=int(os.environ["FKD_BENCH_VOCAB"]), sync=False) as c:
             rows = len(c)
-    return dict(stage=which, rows=rows, seconds=time.time() - t0, rss_after_imports_mib=base,
-                peak_rss_mib=_mem_mib("VmHWM"))
+    seconds = time.time() - t0
+    done.set()
+    watcher.join()
+    peak_anon[0] = max(peak_anon[0], _mem_mib("RssAnon"))
+    return dict(stage=which, rows=rows, seconds=seconds, rss_after_imports_mib=base, peak_rss_mib=_mem_mib("VmHWM"),
+                anon_after_imports_mib=base_anon, peak_anon_mib=peak_anon[0])
 
 
 def main(argv=None):
@@ -114,6 +132,7 @@ def main(argv=None):
         results.append(r)
         print(f"{which:6s}: {r['rows']} samples in {r['seconds']:.1f}s, peak RSS {r['peak_rss_mib']:.0f} MiB "
               f"(after imports {r['rss_after_imports_mib']:.0f} MiB: +{r['peak_rss_mib'] - r['rss_after_imports_mib']:.0f}"
+              f" MiB); anonymous: peak {r['peak_anon_mib']:.0f} MiB (+{r['peak_anon_mib'] - r['anon_after_imports_mib']:.0f}"
               f" MiB)", flush=True)
     arrow_mib = os.path.getsize(arrow) / 2**20
     print(f"arrow file: {arrow_mib:.1f} MiB")
