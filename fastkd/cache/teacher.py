@@ -6,6 +6,9 @@ full-vocabulary log-sum-exp and either the top-k ids with log-probabilities norm
 vocabulary, or N draws with replacement from p stored as unique ids + counts (unbiased,
 E[count/N] = p; after Anshumann et al. 2025, "Sparse Logit Sampling"). ``fastkd.sparse_kd_loss``
 trains a student against such a ``SparseTeacher``; ``fastkd.TeacherCache`` stores them on disk.
+``SparseTeacher.from_logprobs`` (with ``logprobs_from_vllm``) builds one from an inference server's
+per-token top-k log-probabilities instead, and ``check_rows`` is the one check of every row that
+the constructor, ``from_logprobs`` and ``TeacherCache.write`` share.
 """
 from __future__ import annotations
 
