@@ -14,6 +14,9 @@ batches are trained with
     topk_renorm  same capture, tail="renorm" (teacher renormalised over the top-k: biased)
     sampled      fastkd.sparse_kd_loss on a sampled capture (N i.i.d. draws, unbiased)
     sampled_sys  same with sampling="systematic" (one stratified comb of N draws: unbiased, less noisy)
+    served_top20 a served teacher: what an inference server returns per token (its top-20 ids and
+                 log-probabilities at τ = 1, as vLLM's prompt_logprobs), fed through
+                 fastkd.SparseTeacher.from_logprobs into a top-20 cache, tail="bucket"
 
 The sparse targets go through a ``fastkd.TeacherCache`` (``get_or_capture``): the teacher runs once
 per training sequence, later epochs read the stored rows. Every method is repeated over ``--seeds``
@@ -23,6 +26,7 @@ loss of plain CE minus its own, paired by seed. Reported on the held-out split: 
 of full KD's gain (ratio of the seed-mean gains, ± the standard error of the per-seed ratios).
 
     python bench/quality.py                   # ~25 minutes on 2 CPU cores (3 seeds)
+    python bench/quality.py --methods ce full topk_bucket sampled_sys served_top20 --seeds 4
     python bench/quality.py --smoke           # seconds: a wiring check, numbers meaningless
 
 Results are appended as JSON lines to bench/results/quality.jsonl; the plot (held-out loss per epoch,
@@ -63,7 +67,7 @@ import fastkd  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 LABELS = {"ce": "plain CE", "full": "full KD (kd_loss)", "topk_bucket": "top-k, bucket tail",
           "topk_renorm": "top-k, renormalised", "sampled": "sampled (i.i.d.)",
-          "sampled_sys": "sampled (systematic)"}
+          "sampled_sys": "sampled (systematic)", "served_top20": "served top-20 log-probs"}
 
 
 def load_corpus(vocab_size):
@@ -140,6 +144,23 @@ def train(model, data, loss_fn, lr, epochs, on_epoch=None, progress=None):
         if on_epoch is not None:
             on_epoch(epoch, model)
     return model
+
+
+def served_rows(cache, sid, x, k, teacher_logits):
+    """The rows of one batch from a served teacher, through ``cache``: for the samples not stored
+    yet, what an inference server returns per token (its top-``k`` ids and log-probabilities at
+    τ = 1, normalised over the full vocabulary), converted by ``SparseTeacher.from_logprobs``."""
+    sids = sid.tolist()
+    todo = {}
+    for i, s in enumerate(sids):
+        if s not in cache and s not in todo:
+            todo[s] = i
+    if todo:
+        pos = torch.tensor(list(todo.values()))
+        logprobs = torch.log_softmax(teacher_logits(x[pos]).float(), -1)
+        vals, ids = logprobs.topk(k, -1)
+        cache.write(list(todo), fastkd.SparseTeacher.from_logprobs(ids, vals, vocab_size=logprobs.shape[-1]))
+    return cache.read(sids)
 
 
 def _bar(total, desc):
@@ -249,13 +270,16 @@ def main(argv=None):
     ap.add_argument("--student-steps", type=int, default=40, help="distinct batches (the transfer set)")
     ap.add_argument("--epochs", type=int, default=8, help="student epochs over the same batches")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed-offset", type=int, default=0, help="first seed (seeds are offset .. offset + seeds − 1)")
+    ap.add_argument("--served-k", type=int, default=20, help="log-probabilities per token of the served teacher")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--num-samples", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--hard-weight", type=float, default=0.5)
     ap.add_argument("--soft-weight", type=float, default=None, help="default: 1 − hard weight")
-    ap.add_argument("--methods", nargs="+", default=["ce", "full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys"],
+    ap.add_argument("--methods", nargs="+", default=["ce", "full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys",
+                                                     "served_top20"],
                     choices=list(LABELS))
     ap.add_argument("--teacher-ckpt", default=None,
                     help="teacher weights file (default: ./.fastkd_cache/quality-teacher-<settings>.pt, "
@@ -311,13 +335,13 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="fastkd-quality-")
     total = args.seeds * len(args.methods) * args.student_steps * args.epochs
     bar = _bar(total, "students")
-    for seed in range(args.seeds):
+    for seed in range(args.seed_offset, args.seed_offset + args.seeds):
         data = batches(train_ids, args.seq, args.batch, args.student_steps, seed=100 + seed)
         caches = {
             "topk": fastkd.TeacherCache(os.path.join(tmp, f"topk{seed}"), mode="topk", k=args.k,
                                         temperature=args.temperature, teacher=f"gru{args.teacher_hidden}",
                                         dataset="pydoc_data.topics", sync=False),
-            "sample": fastkd.TeacherCache(os.path.join(tmp, f"sample{seed}"), mode="sample",
+            "sample": fastkd.TeacherCache(os.path.join(tmp, f"sample{seed}"), mode="sample", sampling="iid",
                                           num_samples=args.num_samples, temperature=args.temperature,
                                           teacher=f"gru{args.teacher_hidden}", dataset="pydoc_data.topics",
                                           sync=False),
@@ -325,6 +349,9 @@ def main(argv=None):
                                               num_samples=args.num_samples, temperature=args.temperature,
                                               teacher=f"gru{args.teacher_hidden}", dataset="pydoc_data.topics",
                                               sync=False),
+            "served": fastkd.TeacherCache(os.path.join(tmp, f"served{seed}"), mode="topk", k=args.served_k,
+                                          temperature=1.0, teacher=f"gru{args.teacher_hidden} (served)",
+                                          dataset="pydoc_data.topics", sync=False),
         }
         gen = torch.Generator().manual_seed(300 + seed)
         kw = dict(temperature=args.temperature, soft_weight=sw, hard_weight=hw)
@@ -341,7 +368,11 @@ def main(argv=None):
                     st = caches[cache].get_or_capture(sid, lambda: teacher_logits(x), generator=gen)
                     return fastkd.sparse_kd_loss(out, st, y, tail=tail, **kw)
                 return f
-            return {"ce": ce, "full": full, "topk_bucket": sparse("topk", "bucket"),
+
+            def served(out, sid, x, y):
+                st = served_rows(caches["served"], sid, x, args.served_k, teacher_logits)
+                return fastkd.sparse_kd_loss(out, st, y, tail="bucket", soft_weight=sw, hard_weight=hw)
+            return {"served_top20": served, "ce": ce, "full": full, "topk_bucket": sparse("topk", "bucket"),
                     "topk_renorm": sparse("topk", "renorm"), "sampled": sparse("sample", "sampled"),
                     "sampled_sys": sparse("sample_sys", "sampled")}[method]
 
@@ -376,6 +407,7 @@ def main(argv=None):
                 teacher=f"GRU-{args.teacher_hidden}", student=f"GRU-{args.student_hidden}",
                 student_steps=args.student_steps, epochs=args.epochs, seeds=args.seeds, k=args.k,
                 num_samples=args.num_samples, temperature=args.temperature, hard_weight=hw, soft_weight=sw,
+                seed_offset=args.seed_offset, served_k=args.served_k,
                 teacher_ce=t_ce, teacher_ece=t_ece, smoke=args.smoke,
                 bytes_per_token={n: statistics.fmean(b) for n, b in bytes_per_token.items()},
                 seconds=time.time() - t0)

@@ -19,13 +19,14 @@ _LAZY = {
     "align_tokens": ("cross_tokenizer", "align_tokens"),
     "TokenAlignment": ("cross_tokenizer", "TokenAlignment"),
     "VocabMap": ("cross_tokenizer", "VocabMap"),
+    "logprobs_from_vllm": ("cache", "logprobs_from_vllm"),
     "methods": ("methods", None),
     "distributed": ("distributed", None),  # vocab-parallel losses; importing needs no process group
 }
 
 __all__ = ["kd_loss", "KDLoss", "fused_linear_kd_loss", "capture", "SparseTeacher", "sparse_kd_loss",
-           "TeacherCache", "uld_loss", "hybrid_uld_loss", "align_tokens", "TokenAlignment", "VocabMap", "methods",
-           "distributed", "__version__"]
+           "TeacherCache", "logprobs_from_vllm", "uld_loss", "hybrid_uld_loss", "align_tokens", "TokenAlignment",
+           "VocabMap", "methods", "distributed", "__version__"]
 
 
 def __getattr__(name):

@@ -36,10 +36,30 @@ def check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have a vocabulary dimension V >= 1, got shape {tuple(x.shape)}")
 
 
+def narrow_vocab(name: str, x: torch.Tensor, vocab_size: Optional[int]) -> torch.Tensor:
+    """The first ``vocab_size`` columns of logits ``(..., W)``, ``W >= vocab_size`` (a view; ``x``
+    itself when ``vocab_size`` is None or W). The columns past it are a padded head's: they never
+    get probability, and autograd gives them exactly zero gradient."""
+    if vocab_size is None:
+        return x
+    if x.shape[-1] < vocab_size:
+        raise ValueError(f"{name} has {x.shape[-1]} columns, fewer than vocab_size={vocab_size}")
+    return x if x.shape[-1] == vocab_size else x[..., :vocab_size]
+
+
+def width_mismatch(student_name: str, student_width: int, teacher_name: str, teacher_width: int) -> ValueError:
+    """The error for two vocabulary widths that differ without ``vocab_size=``."""
+    return ValueError(f"{student_name} has {student_width} vocabulary columns but {teacher_name} has "
+                      f"{teacher_width}; if one head is padded past the real vocabulary, pass vocab_size=<the real "
+                      f"vocabulary size> and only the first vocab_size columns of each side count")
+
+
 def check_pair(student, teacher, *, student_name: str, teacher_name: str) -> None:
     """Two logits tensors of one shape, dtype and device."""
     check_logits(student_name, student)
     check_logits(teacher_name, teacher)
+    if teacher.shape[:-1] == student.shape[:-1] and teacher.shape[-1] != student.shape[-1]:
+        raise width_mismatch(student_name, student.shape[-1], teacher_name, teacher.shape[-1])
     if teacher.shape != student.shape:
         raise ValueError(f"{teacher_name} must have the student's shape {tuple(student.shape)}, "
                          f"got {tuple(teacher.shape)}")

@@ -108,6 +108,8 @@ _RULES = {
     "k": lambda v, n: check_int(n, v),  # its range needs V: check_k
     "num_samples": lambda v, n: check_int(n, v, low=1),
     "sampling": lambda v, n: check_choice(n, v, SAMPLINGS),
+    # the real vocabulary of logits whose head is padded wider (None: the logits' own width)
+    "vocab_size": lambda v, n: check_int(n, v, low=1, allow_none=True),
 }
 
 
@@ -242,7 +244,7 @@ class CaptureSettings:
     mode: str = "topk"
     k: int = 64
     num_samples: int = 50
-    sampling: str = "iid"
+    sampling: str = "systematic"
     temperature: float = 1.0
     backend: str = "auto"
 

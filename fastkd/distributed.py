@@ -54,7 +54,7 @@ from ._backends import registry
 from ._ops import capture as _capture_ops
 from ._ops.kd import scale_rows
 from ._reference.kd_shard import STATS_WIDTH, merge_stats, shard_stats
-from ._settings import (SUMS_DIVERGENCES, acc_dtype, capture_settings, check_hard_target, check_int, check_k,
+from ._settings import (SUMS_DIVERGENCES, acc_dtype, capture_settings, check, check_hard_target, check_int, check_k,
                         kd_settings)
 from .cache.teacher import SparseTeacher, check_generator, draw_uniforms
 from .losses import check_sparse_teacher, sparse_settings
@@ -180,15 +180,22 @@ def _vocab_parallel_forward(student, teacher, target, divisor, cfg):
 
 
 def _layout_args(vocab_start, vocab_size, width, group):
-    """(rank, world, vocab_start, vocab_size) with the defaults of equal slices in rank order."""
+    """(rank, world, vocab_start, vocab_size, kept) with the defaults of equal slices in rank order.
+
+    ``kept``: how many of this rank's ``width`` columns lie below ``vocab_size``. The shards of a
+    padded head tile more than the vocabulary; the columns at and past ``vocab_size`` are padding,
+    which each rank drops (``shard[..., :kept]``), so they never get probability and get exactly
+    zero gradient."""
     check_int("vocab_start", vocab_start, low=0, allow_none=True)
-    check_int("vocab_size", vocab_size, low=1, allow_none=True)
+    check("vocab_size", vocab_size)
     rank, world = _group_info(group)
     vocab_start = rank * width if vocab_start is None else vocab_start
     vocab_size = world * width if vocab_size is None else vocab_size
-    if vocab_start + width > vocab_size:
-        raise ValueError(f"vocab_start + Vs must be <= vocab_size: got {vocab_start} + {width} > {vocab_size}")
-    return rank, world, vocab_start, vocab_size
+    kept = min(width, vocab_size - vocab_start)
+    if kept < 1:
+        raise ValueError(f"this rank's columns [{vocab_start}, {vocab_start + width}) lie wholly past "
+                         f"vocab_size={vocab_size}: every rank must hold at least one column of the vocabulary")
+    return rank, world, vocab_start, vocab_size, kept
 
 
 def kd_loss(
@@ -236,7 +243,10 @@ def kd_loss(
         vocab_start: first global column of this rank's slice. Default ``rank * Vs`` (equal slices).
         vocab_size: the full vocabulary size. Default ``world_size * Vs``. The layout (contiguous
             slices in rank order covering ``[0, vocab_size)``) is checked from data that rides along
-            with the statistics: ``ValueError`` on CPU, a device-side assert on GPU.
+            with the statistics: ``ValueError`` on CPU, a device-side assert on GPU. A padded head's
+            shards may reach past it: the columns at and past ``vocab_size`` are padding (each rank
+            drops its share of them; they never get probability and get exactly zero gradient), as
+            ``vocab_size=`` of :func:`fastkd.kd_loss`.
         temperature, soft_weight, hard_weight, divergence, beta, skew, ignore_index, label_smoothing,
         reduction, t2_scale, softcap, num_items: as in :func:`fastkd.kd_loss`.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``, resolved against
@@ -254,13 +264,14 @@ def kd_loss(
     _inputs.check_pair(student_shard, teacher_shard, student_name="student_shard", teacher_name="teacher_shard")
     check_hard_target(settings, target, what="global class ids of shape student_shard.shape[:-1]")
     lead_shape = student_shard.shape[:-1]
-    width = student_shard.shape[-1]
     device = student_shard.device
     if target is not None:
         _inputs.check_target_layout(target, lead_shape, device, what="global class ids")
     resolved = registry.resolve("kd_shard", settings.backend, device)
     registry.check_dtype("kd_shard", resolved, student_shard.dtype)
-    _, world, vocab_start, vocab_size = _layout_args(vocab_start, vocab_size, width, group)
+    _, world, vocab_start, vocab_size, width = _layout_args(vocab_start, vocab_size, student_shard.shape[-1], group)
+    student_shard = _inputs.narrow_vocab("student_shard", student_shard, width)
+    teacher_shard = _inputs.narrow_vocab("teacher_shard", teacher_shard, width)
     if soft_weight == 0.0:  # no soft term: the second collective of the sums divergences would carry zeros
         settings = settings.replace(divergence="forward_kl")
 
@@ -392,7 +403,7 @@ def _check_capture_layout(digits: torch.Tensor) -> None:
 
 def capture(teacher_shard: torch.Tensor, *, group=None, vocab_start: Optional[int] = None,
             vocab_size: Optional[int] = None, k: int = 64, temperature: float = 1.0, mode: str = "topk",
-            num_samples: int = 50, generator: Optional[torch.Generator] = None, sampling: str = "iid",
+            num_samples: int = 50, generator: Optional[torch.Generator] = None, sampling: str = "systematic",
             backend: str = "auto"):
     r"""Vocab-parallel :func:`fastkd.capture`: the teacher's logits are sharded along the vocabulary.
 
@@ -418,8 +429,8 @@ def capture(teacher_shard: torch.Tensor, *, group=None, vocab_start: Optional[in
     cs = capture_settings(mode=mode, k=k, num_samples=num_samples, sampling=sampling, temperature=temperature,
                           backend=backend)
     _inputs.check_logits("teacher_shard", teacher_shard)
-    width = teacher_shard.shape[-1]
-    _, world, vocab_start, vocab_size = _layout_args(vocab_start, vocab_size, width, group)
+    _, world, vocab_start, vocab_size, width = _layout_args(vocab_start, vocab_size, teacher_shard.shape[-1], group)
+    teacher_shard = _inputs.narrow_vocab("teacher_shard", teacher_shard, width)
     if cs.mode == "topk":
         check_k(k, vocab_size)
     else:
@@ -436,7 +447,7 @@ def capture(teacher_shard: torch.Tensor, *, group=None, vocab_start: Optional[in
                                                  resolved)
         _check_capture_layout(digits)
         return SparseTeacher("topk", ids.reshape(*lead, k), lse.reshape(lead), temperature=temperature,
-                             vocab_size=vocab_size, values=values.reshape(*lead, k))
+                             vocab_size=vocab_size, values=values.reshape(*lead, k), validate=False)
     ids, counts, lse, u_sums, digits = _capture_sample(t2, num_samples, cs.sampling, temperature, generator,
                                                       vocab_start, vocab_size, world, group)
     _check_capture_layout(digits)
@@ -450,7 +461,7 @@ def capture(teacher_shard: torch.Tensor, *, group=None, vocab_start: Optional[in
     width_out = ids.shape[-1]
     return SparseTeacher("sample", ids.reshape(*lead, width_out), lse.reshape(lead),
                          temperature=temperature, vocab_size=vocab_size,
-                         counts=counts.reshape(*lead, width_out), num_samples=num_samples)
+                         counts=counts.reshape(*lead, width_out), num_samples=num_samples, validate=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,7 +499,8 @@ def sparse_kd_loss(student_shard: torch.Tensor, sparse_teacher, target: Optional
                    temperature: Optional[float] = None, soft_weight: float = 1.0, hard_weight: float = 0.0,
                    divergence: str = "forward_kl", ignore_index: int = -100, label_smoothing: float = 0.0,
                    reduction: str = "mean", t2_scale: bool = True,
-                   num_items: Union[int, torch.Tensor, None] = None, backend: str = "auto") -> torch.Tensor:
+                   num_items: Union[int, torch.Tensor, None] = None, backend: str = "auto",
+                   vocab_size: Optional[int] = None) -> torch.Tensor:
     r"""Vocab-parallel :func:`fastkd.sparse_kd_loss`: the student's logits are sharded along the vocabulary.
 
     ``sparse_teacher`` (global ids, e.g. from :func:`capture` or a ``TeacherCache``) is the same on
@@ -500,32 +512,37 @@ def sparse_kd_loss(student_shard: torch.Tensor, sparse_teacher, target: Optional
     communicates nothing. The shard phases are vectorised PyTorch for every ``backend`` (which is
     still checked against the device).
 
-    ``vocab_start`` defaults to ``rank * Vs``; the full vocabulary is ``sparse_teacher.vocab_size``.
-    Other arguments as in :func:`fastkd.sparse_kd_loss`.
+    ``vocab_start`` defaults to ``rank * Vs``; the full vocabulary is ``sparse_teacher.vocab_size``
+    (``vocab_size``, if given, must equal it). A padded student head's shards may reach past it: the
+    columns there are padding, dropped as in :func:`kd_loss`. Other arguments as in
+    :func:`fastkd.sparse_kd_loss`.
     """
     settings = kd_settings(allow_default_temperature=True, tail=tail, temperature=temperature,
                            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence,
                            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                            t2_scale=t2_scale, backend=backend)
+    check("vocab_size", vocab_size)
     _inputs.check_logits("student_shard", student_shard)
     lead = student_shard.shape[:-1]
     device = student_shard.device
     st = check_sparse_teacher(sparse_teacher, lead, device, settings)
+    if vocab_size is not None and vocab_size != st.vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} must equal sparse_teacher.vocab_size={st.vocab_size}")
     settings = sparse_settings(settings, st)
     check_hard_target(settings, target, what="global class ids of shape student_shard.shape[:-1]")
     if target is not None:
         _inputs.check_target_layout(target, lead, device, what="global class ids")
     # The shard phases are the torch backend's for every backend; the name is still checked.
     registry.resolve("kd", settings.backend, device)
-    width = student_shard.shape[-1]
-    _, world, vocab_start, vocab_size = _layout_args(vocab_start, st.vocab_size, width, group)
+    _, world, vocab_start, vocab_size, width = _layout_args(vocab_start, st.vocab_size, student_shard.shape[-1], group)
+    student_shard = _inputs.narrow_vocab("student_shard", student_shard, width)
 
     flat = st.flatten()
     ids = flat.ids.long()
     _inputs.check_sparse_ids(ids, vocab_size)
     acc = acc_dtype(student_shard.dtype)
     w = torch.where(ids >= 0, flat.teacher_probs(acc), torch.zeros((), dtype=acc, device=device))
-    s2 = student_shard.reshape(-1, width)
+    s2 = _inputs.rows(student_shard, width)
     y = _inputs.flat_target(target)
     divisor = _inputs.divisor(y, s2.shape[0], reduction, num_items, ignore_index, device, acc)
     cfg = dict(group=group, world=world, vocab_start=vocab_start, vocab_size=vocab_size, tail=settings.tail,

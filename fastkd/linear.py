@@ -24,7 +24,7 @@ import torch
 from . import _inputs
 from ._backends import registry
 from .cache.teacher import SparseTeacher
-from ._settings import KDSettings, KernelParams, acc_dtype, check_hard_target, kd_settings
+from ._settings import KDSettings, KernelParams, acc_dtype, check, check_hard_target, kd_settings
 
 # Bytes of chunk×V work buffers when chunk_size is None. A GPU needs a few hundred rows per GEMM to
 # stay efficient (256 MiB is 256 rows at V=128k); a CPU GEMM is already efficient at tens of rows, so
@@ -412,6 +412,7 @@ def fused_linear_kd_loss(
                            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta, skew=skew,
                            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                            t2_scale=t2_scale, softcap=softcap, backend=backend)
+    check("vocab_size", vocab_size)
     sparse = isinstance(teacher_hidden, SparseTeacher)
     _check_head("student_hidden", "student_weight", "student_bias", student_hidden, student_weight,
                 student_bias)
@@ -447,8 +448,9 @@ def fused_linear_kd_loss(
                              f"got {teacher_hidden.device}")
     if vocab_size is None:
         if not sparse and v_s != v_t:
-            raise ValueError(f"student_weight has {v_s} rows but teacher_weight has {v_t}: pass "
-                             f"vocab_size (<= {min(v_s, v_t)}) to restrict both heads to a shared range")
+            raise ValueError(f"student_weight has {v_s} rows (vocabulary columns) but teacher_weight has {v_t}; if "
+                             f"one head is padded past the real vocabulary, pass vocab_size=<the real vocabulary "
+                             f"size> (<= {min(v_s, v_t)}) and only the first vocab_size columns of each side count")
         vocab_size = v_s
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")

@@ -13,7 +13,8 @@ from . import _inputs
 from ._backends import registry
 from ._ops.kd import kd_rows, kd_rows_inplace
 from ._ops.sparse_kd import sparse_kd_rows
-from ._settings import DIVERGENCES, REDUCTIONS, TAIL_CODES, TAILS, KDSettings, acc_dtype, check_hard_target, kd_settings
+from ._settings import (DIVERGENCES, REDUCTIONS, TAIL_CODES, TAILS, KDSettings, acc_dtype, check, check_hard_target,
+                        kd_settings)
 from .cache.teacher import SparseTeacher
 
 __all__ = ["kd_loss", "KDLoss", "sparse_kd_loss", "DIVERGENCES", "REDUCTIONS", "TAILS"]
@@ -38,6 +39,7 @@ def kd_loss(
     num_items: Union[int, torch.Tensor, None] = None,
     backend: str = "auto",
     inplace_grad: bool = False,
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Fused knowledge-distillation loss: soft-target divergence plus hard-label cross-entropy.
 
@@ -94,6 +96,11 @@ def kd_loss(
         inplace_grad: fused backends only, eager only: write the gradient into the student logits'
             storage instead of a new buffer (saves one N×V buffer; the logits are overwritten, and
             must be a non-leaf tensor that nothing else saved for backward).
+        vocab_size: the real vocabulary size when a head is padded wider: only the first
+            ``vocab_size`` columns of each side count (``student_logits[..., :vocab_size]``, likewise
+            the teacher's), so student and teacher may have different widths ≥ ``vocab_size``; the
+            padded columns never get probability and their gradient is exactly 0. ``None``: both
+            widths must be equal (a different width is a ``ValueError`` suggesting ``vocab_size=``).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or ``(...)`` for ``reduction="none"``.
@@ -102,7 +109,8 @@ def kd_loss(
                            divergence=divergence, beta=beta, skew=skew, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction=reduction, t2_scale=t2_scale,
                            softcap=softcap, backend=backend)
-    _inputs.check_pair(student_logits, teacher_logits, student_name="student_logits", teacher_name="teacher_logits")
+    student_logits, teacher_logits = narrow_pair(student_logits, teacher_logits, vocab_size,
+                                                 student_name="student_logits", teacher_name="teacher_logits")
     check_hard_target(settings, target, what="class ids of shape student_logits.shape[:-1]")
     lead_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -133,7 +141,21 @@ def kd_loss(
 
 
 _KDLOSS_KEYS = ("temperature", "soft_weight", "hard_weight", "divergence", "beta", "skew", "ignore_index",
-                "label_smoothing", "reduction", "t2_scale", "softcap", "num_items", "backend", "inplace_grad")
+                "label_smoothing", "reduction", "t2_scale", "softcap", "num_items", "backend", "inplace_grad",
+                "vocab_size")
+_NOT_KD_SETTINGS = ("num_items", "inplace_grad", "vocab_size")
+
+
+def narrow_pair(student, teacher, vocab_size: Optional[int], *, student_name: str, teacher_name: str):
+    """Student and teacher logits cut to their first ``vocab_size`` columns (views), then checked as
+    a pair (one shape, dtype and device); the rule of ``vocab_size=`` for every dense loss."""
+    check("vocab_size", vocab_size)
+    _inputs.check_logits(student_name, student)
+    _inputs.check_logits(teacher_name, teacher)
+    student = _inputs.narrow_vocab(student_name, student, vocab_size)
+    teacher = _inputs.narrow_vocab(teacher_name, teacher, vocab_size)
+    _inputs.check_pair(student, teacher, student_name=student_name, teacher_name=teacher_name)
+    return student, teacher
 
 
 class KDLoss(torch.nn.Module):
@@ -145,7 +167,8 @@ class KDLoss(torch.nn.Module):
         unknown = set(kwargs) - set(_KDLOSS_KEYS)
         if unknown:
             raise TypeError(f"KDLoss got unexpected keyword arguments {sorted(unknown)}")
-        kd_settings(**{k: v for k, v in kwargs.items() if k not in ("num_items", "inplace_grad")})
+        kd_settings(**{k: v for k, v in kwargs.items() if k not in _NOT_KD_SETTINGS})
+        check("vocab_size", kwargs.get("vocab_size"))
         self.kwargs = kwargs
 
     def forward(self, student_logits, teacher_logits, target=None, **overrides):
@@ -171,6 +194,7 @@ def sparse_kd_loss(
     t2_scale: bool = True,
     num_items: Union[int, torch.Tensor, None] = None,
     backend: str = "auto",
+    vocab_size: Optional[int] = None,
 ) -> torch.Tensor:
     r"""KD loss against a :class:`SparseTeacher`; the student is normalised over the FULL vocabulary.
 
@@ -207,6 +231,10 @@ def sparse_kd_loss(
             since the stored probabilities cannot be re-tempered without the full vocabulary.
         divergence: only ``"forward_kl"`` (reverse KL and JSD need p on every token the student
             favours, which a sparse teacher does not have).
+        vocab_size: the real vocabulary size of a student head padded wider: only
+            ``student_logits[..., :vocab_size]`` counts (the padded columns get no probability and
+            exactly zero gradient); ``sparse_teacher.vocab_size`` must equal it (capture a padded
+            teacher with ``capture(..., vocab_size=)``).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or ``(...)`` for ``reduction="none"``.
@@ -215,12 +243,16 @@ def sparse_kd_loss(
                            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence,
                            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
                            t2_scale=t2_scale, backend=backend)
+    check("vocab_size", vocab_size)
     _inputs.check_logits("student_logits", student_logits)
+    student_logits = _inputs.narrow_vocab("student_logits", student_logits, vocab_size)
     st = check_sparse_teacher(sparse_teacher, student_logits.shape[:-1], student_logits.device, settings)
     vocab = student_logits.shape[-1]
     if st.vocab_size != vocab:
         raise ValueError(f"student_logits has V={vocab} but sparse_teacher was captured with "
-                         f"vocab_size={st.vocab_size}")
+                         f"vocab_size={st.vocab_size}" + ("" if vocab_size is not None or vocab < st.vocab_size else
+                                                          "; for a student head padded past the teacher's "
+                                                          "vocabulary pass vocab_size="))
     settings = sparse_settings(settings, st)
     check_hard_target(settings, target, what="class ids of shape student_logits.shape[:-1]")
     lead = student_logits.shape[:-1]

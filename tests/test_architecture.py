@@ -484,6 +484,8 @@ BAD_SETTINGS = [
     ("k", 2.5, TypeError, "k must be an int, got float", _CAPTURES),
     ("num_samples", 0, ValueError, "num_samples must be >= 1, got 0", ("TeacherCache",)),
     ("sampling", "lhs", ValueError, "sampling must be one of ('iid', 'systematic'), got 'lhs'", ("TeacherCache",)),
+    ("vocab_size", 0, ValueError, "vocab_size must be >= 1, got 0",
+     tuple(e for e in _LOSSES if e != "trainer") + _CAPTURES),
 ]
 _CASES = [(entry, setting, value, exc, msg) for setting, value, exc, msg, entries in BAD_SETTINGS
           for entry in entries]

@@ -53,8 +53,8 @@ def test_smoke_run(quality, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "q.jsonl"
     summary = quality.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "q.png")])
-    assert set(summary) == {"ce", "full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys"}
-    for m in ("full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys"):
+    assert set(summary) == {"ce", "full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys", "served_top20"}
+    for m in ("full", "topk_bucket", "topk_renorm", "sampled", "sampled_sys", "served_top20"):
         assert math.isfinite(summary[m]["gain_mean"])
     assert not out.exists()  # smoke numbers are never recorded
 

@@ -88,7 +88,7 @@ def test_triton_topk_nan_row_in_the_large_k_fallback(use_backend):
 def test_cpu_sample_matches_reference(dtype):
     t = teacher_logits(64, 777, dtype, 2.5, seed=3, mask_cols=100)
     st = capture(t, mode="sample", num_samples=50, temperature=1.3, generator=torch.Generator().manual_seed(11),
-                 backend="cpu")
+                 sampling="iid", backend="cpu")
     u = torch.rand(64, 50, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     ids, counts, lse = R.capture_sample(t, u, 1.3)
     assert st.ids.shape == (64, 50) and st.counts.dtype == torch.int32
@@ -144,7 +144,8 @@ def test_systematic_sampling(backend):
     big = _P >= 1.0 / n
     lo, hi = torch.floor(n * _P[big]), torch.ceil(n * _P[big])
     assert ((dense[:, big] >= lo) & (dense[:, big] <= hi)).all()
-    iid = capture(t, mode="sample", num_samples=n, generator=torch.Generator().manual_seed(5), backend=backend)
+    iid = capture(t, mode="sample", num_samples=n, generator=torch.Generator().manual_seed(5), sampling="iid",
+                  backend=backend)
     dense_iid = iid.dense_probs(torch.float64)[:, big] * n
     assert ((dense_iid < lo) | (dense_iid > hi)).any()  # the i.i.d. counts spread further
     with pytest.raises(ValueError, match="sampling"):

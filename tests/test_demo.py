@@ -172,10 +172,10 @@ def test_demo_tiny_end_to_end_and_cached_second_run(tmp_path, capsys):
     assert (out / "heldout_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
 
-    expected = ["ce", "kd"] + (["cache_topk", "cache_sample"] if HAS_CACHE else [])
+    expected = ["ce", "kd"] + (["cache_topk", "cache_sample", "served_top20"] if HAS_CACHE else [])
     assert list(summary["runs"]) == expected
     if not HAS_CACHE:
-        assert set(summary["skipped"]) == {"cache_topk", "cache_sample"}
+        assert set(summary["skipped"]) == {"cache_topk", "cache_sample", "served_top20"}
     preset = summary["preset"]
     assert summary["vocab_size"] == preset["vocab_size"]
     for name, r in summary["runs"].items():
@@ -185,7 +185,7 @@ def test_demo_tiny_end_to_end_and_cached_second_run(tmp_path, capsys):
         assert r["history"][-1]["loss"] < r["history"][0]["loss"]  # every run learns
         assert r["tokens_per_s"] > 0 and 0 <= r["ece"] <= 1
         assert r["label"] in table
-        if name.startswith("cache_"):
+        if name.startswith("cache_") or name == "served_top20":
             assert r["cache_bytes_per_token"] and r["cache_bytes_per_token"] > 0
     # The demo's claim, on its smallest preset: distillation beats CE alone at the same budget.
     for name, c in summary["comparisons"].items():

@@ -357,6 +357,42 @@ def _case_nan_propagates(rank, world, group):
     assert torch.isfinite(rows[[0, 1, 3, 5]]).all(), rows
 
 
+def _case_padded_vocab(rank, world, group):
+    """A padded head: equal shards of width 8 tile 8·world columns, the vocabulary is 8·world − 5.
+    With vocab_size= the loss, the capture and the sparse loss equal the single-device ones on the
+    first vocab_size columns; the padded columns (large logits) get exactly zero gradient."""
+    import fastkd
+    import fastkd.distributed as fkd
+
+    width, vocab = 8, 8 * world - 5
+    g = torch.Generator().manual_seed(3)
+    s_full = torch.randn(6, 8 * world, generator=g) * 2
+    t_full = torch.randn(6, 8 * world, generator=g) * 2
+    s_full[:, vocab:] = 30.0
+    t_full[:, vocab:] = 30.0
+    y = torch.tensor([0, 3, vocab - 1, -100, 5, 2])
+    a = rank * width
+    mine_s = s_full[:, a:a + width].clone().requires_grad_()
+    mine = fkd.kd_loss(mine_s, t_full[:, a:a + width], y, group=group, vocab_size=vocab, temperature=2.0,
+                       hard_weight=0.5)
+    mine.backward()
+    ref_s = s_full[:, :vocab].clone().requires_grad_()
+    ref = fastkd.kd_loss(ref_s, t_full[:, :vocab], y, temperature=2.0, hard_weight=0.5)
+    ref.backward()
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6)
+    kept = max(0, min(width, vocab - a))
+    torch.testing.assert_close(mine_s.grad[:, :kept], ref_s.grad[:, a:a + kept], rtol=1e-5, atol=1e-7)
+    assert (mine_s.grad[:, kept:] == 0).all()
+    st = fkd.capture(t_full[:, a:a + width], group=group, vocab_size=vocab, k=5)
+    st_ref = fastkd.capture(t_full[:, :vocab], k=5)
+    assert st.vocab_size == vocab and torch.equal(st.ids, st_ref.ids)
+    sp_s = s_full[:, a:a + width].clone().requires_grad_()
+    sp = fkd.sparse_kd_loss(sp_s, st_ref, y, group=group, vocab_size=vocab)
+    sp.backward()
+    torch.testing.assert_close(sp, fastkd.sparse_kd_loss(s_full[:, :vocab], st_ref, y), rtol=1e-5, atol=1e-6)
+    assert (sp_s.grad[:, kept:] == 0).all()
+
+
 def _case_bad_layout(rank, world, group):
     """Unequal widths without vocab_start: every rank raises the same ValueError (no hang)."""
     import fastkd.distributed as fkd
@@ -580,7 +616,7 @@ def _worker_main(rank, world, init_file, out_path):
     cases += [("multidim", _case_multidim), ("collective_count", _case_collective_count),
               ("nan_propagates", _case_nan_propagates), ("bad_layout", _case_bad_layout),
               ("ddp_single_device_loss", _case_ddp_single_device_loss), ("capture", _case_capture),
-              ("sparse_kd", _case_sparse_kd)]
+              ("sparse_kd", _case_sparse_kd), ("padded_vocab", _case_padded_vocab)]
     if world == 4:
         cases.append(("ddp_tensor_parallel", _case_ddp_tensor_parallel))
         # a sub-group: ranks {1, 3} run vocab-parallel KD while {0, 2} do the same on their own pair
@@ -656,7 +692,7 @@ def world4():
 
 
 _COMMON = list(_all_kd_cases(2)) + ["multidim", "collective_count", "nan_propagates", "bad_layout",
-                                "ddp_single_device_loss", "capture", "sparse_kd"]
+                                "ddp_single_device_loss", "capture", "sparse_kd", "padded_vocab"]
 
 
 def _check(results, case):

@@ -248,7 +248,10 @@ def test_cpu_kernel_flags_duplicate_ids_as_nan():
     st = capture(teacher_logits(2, 20), k=4)
     ids = st.ids.clone()
     ids[0, 1] = ids[0, 0]
-    dup = SparseTeacher("topk", ids, st.lse, values=st.values, temperature=1.0, vocab_size=20)
+    with pytest.raises(ValueError, match="appears twice"):  # the constructor refuses it ...
+        SparseTeacher("topk", ids, st.lse, values=st.values, temperature=1.0, vocab_size=20)
+    # ... and the kernel, given it anyway, answers NaN rather than a wrong loss
+    dup = SparseTeacher("topk", ids, st.lse, values=st.values, temperature=1.0, vocab_size=20, validate=False)
     rows = sparse_kd_loss(teacher_logits(2, 20, seed=1), dup, reduction="none", backend="cpu")
     assert torch.isnan(rows[0]) and torch.isfinite(rows[1])
 

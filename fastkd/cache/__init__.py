@@ -6,9 +6,9 @@ import importlib
 
 from .._settings import MODES, SAMPLINGS, TAILS
 from .store import FORMAT_VERSION, MANIFEST_NAME, TeacherCache, TeacherCacheError, TeacherCacheWarning
-from .teacher import SparseTeacher, capture
+from .teacher import PAD_ID, SparseTeacher, capture, logprobs_from_vllm
 
-__all__ = ["SparseTeacher", "capture", "TeacherCache", "TeacherCacheError", "TeacherCacheWarning",
+__all__ = ["SparseTeacher", "capture", "logprobs_from_vllm", "PAD_ID", "TeacherCache", "TeacherCacheError", "TeacherCacheWarning",
            "sparse_kd_loss", "MODES", "SAMPLINGS", "TAILS", "FORMAT_VERSION", "MANIFEST_NAME"]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .._settings import MODES, SAMPLINGS, check, check_int, check_k
-from .teacher import SparseTeacher, capture
+from .teacher import LOGPROB_ROUNDING, PAD_ID, SparseTeacher, capture, check_rows
 
 
 # ============================================================================================
@@ -325,8 +325,9 @@ class TeacherCache:
         path: the cache directory (created if missing unless ``readonly``).
         mode, k, num_samples, sampling, temperature, vocab_size, teacher, dataset, values_dtype: the
             capture settings and provenance (``sampling``: "iid" or "systematic", see :func:`capture`).
-            ``None`` takes the manifest's value for an existing cache (the defaults ``"topk"``, 64,
-            50, "iid", 1.0, float16 for a new one; ``vocab_size`` is then taken from the first
+            ``None`` takes the manifest's value for an existing cache, so a cache keeps reading and
+            capturing as it was written (the defaults ``"topk"``, 64, 50, "systematic", 1.0, float16
+            for a new one; ``vocab_size`` is then taken from the first
             write). A given value must match an existing manifest.
         writer: this process's shard name (default ``rank<RANK>`` from the environment, else
             ``rank0``); two live handles with one name is an error (the second to open is refused).
@@ -424,7 +425,7 @@ class TeacherCache:
             "mode": mode,
             "k": (r["k"] or 64) if mode == "topk" else None,
             "num_samples": num_samples if mode == "sample" else None,
-            "sampling": (r["sampling"] or "iid") if mode == "sample" else None,
+            "sampling": (r["sampling"] or "systematic") if mode == "sample" else None,
             "temperature": r["temperature"] if r["temperature"] is not None else 1.0,
             "vocab_size": vocab_size, "teacher": r["teacher"], "dataset": r["dataset"],
             "values_dtype": (r["values_dtype"] or "float16") if mode == "topk" else None,
@@ -836,8 +837,11 @@ class TeacherCache:
         n_tok = lse.shape[0]
         idb = man["id_bits"]
         if st.mode == "topk":
-            ids = st.ids[b].reshape(n_tok, -1).numpy()
-            vals = st.values[b].reshape(n_tok, -1).to(_VALUE_DTYPES[man["values_dtype"]])
+            ids = st.ids[b].reshape(n_tok, -1)
+            pad = ids == PAD_ID
+            # A padding entry is stored as id 0 with value NaN (a value no valid row holds).
+            vals = st.values[b].reshape(n_tok, -1).masked_fill(pad, float("nan")).to(_VALUE_DTYPES[man["values_dtype"]])
+            ids = ids.masked_fill(pad, 0).numpy()
             raw_vals = vals.view(torch.int16 if vals.element_size() == 2 else torch.int32).numpy()
             parts = [lse.astype("<f4").tobytes(), raw_vals.astype(raw_vals.dtype.newbyteorder("<")).tobytes(),
                      _pack_bits(ids, idb)]
@@ -850,6 +854,14 @@ class TeacherCache:
         parts = [lse.astype("<f4").tobytes(), _pack_bits(uniq - 1, cb), _pack_bits(ids[used], idb),
                  _pack_bits(counts[used] - 1, cb)]
         return b"".join(parts), n_tok, int(uniq.sum())
+
+    def _rounding(self) -> float:
+        """How far log Σp of a row may exceed 0 from the rounding of this cache's values dtype: a row
+        read back from a float16 cache sums to 1 only within float16's rounding of its k values."""
+        if self.manifest["mode"] != "topk":
+            return LOGPROB_ROUNDING
+        eps = torch.finfo(_VALUE_DTYPES[self.manifest["values_dtype"]]).eps
+        return max(LOGPROB_ROUNDING, 0.5 * eps * math.log(max(self.manifest["k"], 2)))
 
     def _check_teacher(self, st: SparseTeacher) -> None:
         man = self.manifest
@@ -893,6 +905,9 @@ class TeacherCache:
                 self._requested["num_samples"] = st.num_samples
             self._create_manifest(st.vocab_size)
         self._check_teacher(st)
+        # Never store a row that would not read back as written (the rule of the SparseTeacher constructor).
+        check_rows(st.mode, st.ids, values=st.values, counts=st.counts, vocab_size=st.vocab_size,
+                   num_samples=st.num_samples, what="TeacherCache.write", rounding=self._rounding())
         present = [s for s in sids if s in self._index]
         if present:
             raise ValueError(f"sample ids already stored in {self.path}: {present[:8]}"
@@ -949,7 +964,7 @@ class TeacherCache:
         man = self.manifest
         idb = man["id_bits"]
         lse = buf[: 4 * n_tok].view("<f4")
-        out["lse"][b] = torch.from_numpy(lse.astype(np.float32))
+        out["lse"][b, :n_tok] = torch.from_numpy(lse.astype(np.float32))
         pos = 4 * n_tok
         if man["mode"] == "topk":
             k = man["k"]
@@ -957,9 +972,12 @@ class TeacherCache:
             vb = torch.finfo(vdt).bits // 8
             raw = buf[pos: pos + n_tok * k * vb].view("<i2" if vb == 2 else "<i4").astype(np.int16 if vb == 2
                                                                                          else np.int32)
-            out["values"][b] = torch.from_numpy(raw).view(vdt).to(torch.float32).reshape(n_tok, k)
+            vals = torch.from_numpy(raw).view(vdt).to(torch.float32).reshape(n_tok, k)
             pos += n_tok * k * vb
-            out["ids"][b] = torch.from_numpy(_unpack_bits(buf[pos:], n_tok * k, idb)).reshape(n_tok, k)
+            ids = torch.from_numpy(_unpack_bits(buf[pos:], n_tok * k, idb)).reshape(n_tok, k)
+            pad = torch.isnan(vals)  # the padding marker of _encode
+            out["values"][b, :n_tok] = vals.masked_fill(pad, float("-inf"))
+            out["ids"][b, :n_tok] = ids.masked_fill(pad, PAD_ID)
             return
         cb = man["count_bits"]
         uniq = _unpack_bits(buf[pos:], n_tok, cb) + 1
@@ -976,14 +994,25 @@ class TeacherCache:
         cnt_out = np.zeros((n_tok, width), dtype=np.int32)
         ids_out[row, col] = ids
         cnt_out[row, col] = counts
-        out["ids"][b] = torch.from_numpy(ids_out)
-        out["counts"][b] = torch.from_numpy(cnt_out)
+        out["ids"][b, :n_tok] = torch.from_numpy(ids_out)
+        out["counts"][b, :n_tok] = torch.from_numpy(cnt_out)
 
-    def read(self, sample_ids, *, device: Union[str, torch.device, None] = None) -> SparseTeacher:
+    def read(self, sample_ids, *, device: Union[str, torch.device, None] = None, return_mask: bool = False):
         """The stored rows of ``sample_ids`` as a :class:`SparseTeacher` of shape ``(B, T)``.
 
-        Reads only those rows' bytes. All samples must hold the same number of tokens T. Tensors come
-        in pinned memory when CUDA is available, and are moved to ``device`` (non-blocking) if given."""
+        Reads only those rows' bytes. Tensors come in pinned memory when CUDA is available, and are
+        moved to ``device`` (non-blocking) if given.
+
+        Samples of different lengths: with ``return_mask=True`` the result is ``(sparse_teacher,
+        mask)``, the batch padded to the longest sample, ``T = max length``, and ``mask`` a ``(B, T)``
+        bool tensor, True on stored rows. A padded row holds padding only (ids −1; top-k: values
+        −inf, sampled: counts 0): give its position ``ignore_index`` in the target (e.g.
+        ``labels.masked_fill(~mask, -100)``) so that the loss neither counts nor trains on it.
+        Without ``return_mask`` all samples must hold the same number of tokens (else a ValueError).
+
+        A sequence of T tokens has T − 1 teacher rows when, as for a causal LM, row t is the
+        distribution of token t + 1: store and read the rows of ``logits[:, :-1]``, and pair them
+        with ``student_logits[:, :-1]`` and labels ``tokens[:, 1:]``."""
         sids = _as_id_list(sample_ids)
         absent = [s for s in sids if s not in self._index]
         if absent:
@@ -994,31 +1023,35 @@ class TeacherCache:
         if not sids:
             raise ValueError("read() needs at least one sample id")
         man = self.manifest
-        lengths = {self._index[s][3] for s in sids}
-        if len(lengths) != 1:
-            raise ValueError(f"samples hold different numbers of tokens {sorted(lengths)}; read them in groups "
-                             f"of equal length")
-        n_tok = lengths.pop()
+        lengths = [self._index[s][3] for s in sids]
+        if len(set(lengths)) != 1 and not return_mask:
+            raise ValueError(f"samples hold different numbers of tokens {sorted(set(lengths))}; pass "
+                             f"return_mask=True for a batch padded to the longest with its mask, or read them in "
+                             f"groups of equal length")
+        n_tok = max(lengths)
         bsz = len(sids)
         pin = torch.cuda.is_available()
         width = man["k"] if man["mode"] == "topk" else min(man["num_samples"], man["vocab_size"])
 
-        def alloc(shape, dtype):
-            t = torch.empty(shape, dtype=dtype)
+        def alloc(shape, dtype, fill):
+            t = torch.full(shape, fill, dtype=dtype)
             return t.pin_memory() if pin else t
-        out = {"ids": alloc((bsz, n_tok, width), torch.int64), "lse": alloc((bsz, n_tok), torch.float32)}
+        out = {"ids": alloc((bsz, n_tok, width), torch.int64, PAD_ID), "lse": alloc((bsz, n_tok), torch.float32, 0.0)}
         if man["mode"] == "topk":
-            out["values"] = alloc((bsz, n_tok, width), torch.float32)
+            out["values"] = alloc((bsz, n_tok, width), torch.float32, float("-inf"))
         else:
-            out["counts"] = alloc((bsz, n_tok, width), torch.int32)
+            out["counts"] = alloc((bsz, n_tok, width), torch.int32, 0)
         for b, sid in enumerate(sids):
             self._decode(sid, out, b)
         st = SparseTeacher(man["mode"], out["ids"], out["lse"], temperature=man["temperature"],
                            vocab_size=man["vocab_size"], values=out.get("values"), counts=out.get("counts"),
-                           num_samples=man["num_samples"])
+                           num_samples=man["num_samples"], validate=False)
         if device is not None and torch.device(device) != st.device:
             st = st.to(device, non_blocking=True)
-        return st
+        if not return_mask:
+            return st
+        mask = torch.arange(n_tok).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+        return st, mask.to(st.device)
 
     def get_or_capture(self, sample_ids, teacher_fn: Callable, *, device: Union[str, torch.device, None] = None,
                        generator: Optional[torch.Generator] = None, backend: str = "auto") -> SparseTeacher:
@@ -1063,7 +1096,7 @@ class TeacherCache:
                                  f"vocab_size={man['vocab_size']}")
             st = capture(logits, k=man["k"] or 1, temperature=man["temperature"], mode=man["mode"],
                          num_samples=man["num_samples"] or 1, generator=generator,
-                         sampling=man.get("sampling") or "iid", backend=backend)
+                         sampling=man["sampling"] or "systematic", backend=backend)
             # A batch may hold one sample twice: store its first occurrence.
             first: Dict[int, int] = {}
             for j, i in enumerate(todo):
@@ -1073,6 +1106,33 @@ class TeacherCache:
                 st = st[torch.tensor(keep, dtype=torch.long, device=st.device)]
             self.write([sids[todo[j]] for j in keep], st)
         return self.read(sids, device=device)
+
+    # ---- datasets -----------------------------------------------------------------------
+    def to_dataset(self, path: Optional[str] = None, *, batch_size: int = 256, progress: bool = True,
+                   sample_ids=None):
+        """This cache as a Hugging Face ``datasets.Dataset``: one row per sample with per-position
+        lists (ids and log-probabilities, or ids and counts), the manifest's provenance in the
+        dataset's ``info``; streamed in batches of ``batch_size`` samples into an Arrow file at
+        ``path`` (default: a new temporary directory) that the dataset memory-maps. ``sample_ids``:
+        the samples to export (default: all, by increasing id). Layout: ``fastkd/cache/hf.py``."""
+        from . import hf
+
+        self.refresh()
+        sids = sorted(self._index) if sample_ids is None else _as_id_list(sample_ids)
+        return hf.to_dataset(self, sids, path, batch_size=batch_size, progress=progress)
+
+    @staticmethod
+    def from_dataset(dataset, path: Union[str, os.PathLike], **kwargs) -> "TeacherCache":
+        """A ``TeacherCache`` at ``path`` filled from a ``datasets.Dataset``: fastkd's own export
+        (:meth:`to_dataset`) or other offline-KD tools' per-position ``target_token_ids`` /
+        ``target_logprobs`` / ``target_mask`` columns; streamed in batches, every row checked as
+        by :meth:`write`. Keyword arguments: ``batch_size``, ``progress``, and the cache settings
+        (``vocab_size``, ``k``, ``temperature``, ``teacher``, ``dataset_name``, ``values_dtype``,
+        ``num_samples``, ``sampling``, ``sync``, ...) where the dataset records none or to check
+        them against its provenance (:func:`fastkd.cache.hf.from_dataset`)."""
+        from . import hf
+
+        return hf.from_dataset(dataset, lambda **settings: TeacherCache(path, **settings), **kwargs)
 
     # ---- bookkeeping --------------------------------------------------------------------
     @property
@@ -1119,7 +1179,7 @@ class TeacherCache:
         if man is None:
             return f"TeacherCache({self.path!r}, empty: no manifest yet)"
         what = f"k={man['k']}" if man["mode"] == "topk" else \
-            f"num_samples={man['num_samples']}, sampling={man.get('sampling') or 'iid'!r}"
+            f"num_samples={man['num_samples']}, sampling={man['sampling']!r}"
         return (f"TeacherCache({self.path!r}, mode={man['mode']!r}, {what}, vocab_size={man['vocab_size']}, "
                 f"temperature={man['temperature']}, teacher={man['teacher']!r}, samples={len(self)}, "
                 f"tokens={self.num_tokens}, bytes/token={self.bytes_per_token:.1f})")

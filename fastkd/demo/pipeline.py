@@ -40,9 +40,10 @@ def run_demo(preset: str | Preset = "default", *, cache_dir: Optional[str] = Non
             (default ``$FASTKD_CACHE_DIR`` or ``./.fastkd_cache``).
         out_dir: where table.md, heldout_loss.png and summary.json go (default
             ``<cache_dir>/demo-<preset>``).
-        runs: subset of ``ALL_RUNS``: "ce", "kd", "cache_topk", "cache_sample" (students on the
-            teacher's BPE) and "xt_ce", "xt_uld", "xt_hybrid" (students on a second BPE of
-            ``cross_vocab_size`` entries, taught across tokenizers; see ``fastkd.demo.cross_tokenizer``).
+        runs: subset of ``ALL_RUNS``: "ce", "kd", "cache_topk", "cache_sample", "served_top20"
+            (students on the teacher's BPE) and "xt_ce", "xt_uld", "xt_hybrid" (students on a second
+            BPE of ``cross_vocab_size`` entries, taught across tokenizers; see
+            ``fastkd.demo.cross_tokenizer``).
         force: redo the student runs even if their results are cached.
         device: "cpu" or "cuda" (default: the preset's, falling back to CPU without a GPU).
         **overrides: any Preset field (e.g. vocab_size=32000, student_steps=200).

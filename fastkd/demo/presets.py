@@ -7,12 +7,12 @@ from typing import Optional, Tuple
 
 from .models import ModelSpec
 
-STUDENT_RUNS = ("ce", "kd", "cache_topk", "cache_sample")  # students that read the teacher's BPE
+STUDENT_RUNS = ("ce", "kd", "cache_topk", "cache_sample", "served_top20")  # students on the teacher's BPE
 CROSS_RUNS = ("xt_ce", "xt_uld", "xt_hybrid")  # students that read a second BPE (fastkd.demo.cross_tokenizer)
 ALL_RUNS = STUDENT_RUNS + CROSS_RUNS
 # Fields that only the distilled runs read: a CE run's cached result stays valid when they change.
 KD_ONLY_FIELDS = ("temperature", "soft_weight", "hard_weight", "kd_chunk_size", "topk", "num_samples", "sampling",
-                  "runs", "cross_topk", "cross_weight")
+                  "served_k", "runs", "cross_topk", "cross_weight")
 # Fields that only the cross-tokenizer runs read.
 CROSS_FIELDS = ("cross_vocab_size", "cross_topk", "cross_weight")
 
@@ -44,6 +44,7 @@ class Preset:
     topk: int = 64
     num_samples: int = 50
     sampling: str = "systematic"  # sampled cache draws (fastkd.capture): "systematic" or "iid"
+    served_k: int = 20  # served_top20: log-probabilities per token an inference server returns (at τ = 1)
     device: str = "cpu"
     autocast_bf16: bool = False
     seed: int = 1234

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-CACHED_RUNS = ("cache_topk", "cache_sample")
+CACHED_RUNS = ("cache_topk", "cache_sample", "served_top20")
 
 
 def _fmt(v: Optional[float], spec: str, none: str = "—") -> str:

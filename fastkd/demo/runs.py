@@ -26,6 +26,7 @@ RUN_LABELS = {
     "kd": "full KD (fused_linear_kd_loss)",
     "cache_topk": "TeacherCache top-k, bucket tail",
     "cache_sample": "TeacherCache sampled",
+    "served_top20": "served top-20 log-probs (from_logprobs)",
 }
 
 
@@ -108,6 +109,28 @@ def make_teacher_cache(path: str, preset: Preset, mode: str, teacher_name: str, 
     return fastkd.TeacherCache(path, **kw)
 
 
+def fill_served_cache(path: str, preset: Preset, train_blocks: np.ndarray, teacher, teacher_name: str,
+                      dataset_fp: str, device: torch.device):
+    """A top-``served_k`` cache filled as from an inference server before training: per token of
+    every transfer sequence, the teacher's ``served_k`` most probable ids and their log-probabilities
+    at τ = 1 (what vLLM's ``prompt_logprobs`` returns), converted by ``SparseTeacher.from_logprobs``.
+    Rows are those of ``logits[:, :-1]``: a sequence of T tokens has T − 1 teacher rows."""
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    cache = fastkd.TeacherCache(path, mode="topk", k=preset.served_k, vocab_size=preset.vocab_size, temperature=1.0,
+                                teacher=f"{teacher_name} (served)", dataset=dataset_fp)
+    blocks = torch.from_numpy(np.ascontiguousarray(train_blocks))
+    teacher.eval()
+    with torch.no_grad():
+        for i in range(0, blocks.shape[0], preset.batch_size):
+            x = blocks[i: i + preset.batch_size].to(device)
+            logprobs = torch.log_softmax(teacher(input_ids=x).logits[:, :-1].float(), -1)
+            vals, ids = logprobs.topk(preset.served_k, -1)
+            st = fastkd.SparseTeacher.from_logprobs(ids.cpu(), vals.cpu(), vocab_size=preset.vocab_size)
+            cache.write(range(i, i + x.shape[0]), st)
+    return cache
+
+
 def cache_bytes_per_token(cache) -> Optional[float]:
     for attr in ("bytes_per_token", "bytes_per_row"):
         v = getattr(cache, attr, None)
@@ -153,6 +176,14 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
                                    teacher_name, dataset_fp)
         trainer_kw = dict(teacher=teacher, teacher_cache=cache, tail="bucket" if mode == "topk" else "sampled",
                           chunk_size=preset.kd_chunk_size, **kd)
+    elif name == "served_top20":
+        t_fill = time.perf_counter()
+        cache = fill_served_cache(os.path.join(work_dir, "teacher_cache", name), preset, train_blocks, teacher,
+                                  teacher_name, dataset_fp, device)
+        fill_seconds = time.perf_counter() - t_fill
+        # the served log-probabilities are at τ = 1, the server's temperature
+        trainer_kw = dict(teacher=cache, tail="bucket", chunk_size=preset.kd_chunk_size,
+                          **dict(kd, temperature=1.0))
     else:
         raise ValueError(f"unknown run {name!r}")
     trainer = DistillationTrainer(model=student, args=args, train_dataset=BlockDataset(train_blocks),
@@ -174,6 +205,8 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
         "loss_path": "model's own CE (full logits)" if name == "ce" else "fastkd.fused_linear_kd_loss",
         "backend": None if name == "ce" else registry.resolve("kd" if name == "kd" else "sparse_kd", "auto", device),
     }
+    if name == "served_top20":
+        result["served_fill_seconds"] = fill_seconds  # the teacher's (server's) time, outside training
     if cache is not None:
         result["cache_bytes_per_token"] = cache_bytes_per_token(cache)
         result["cache_repr"] = repr(cache)
@@ -213,7 +246,7 @@ def run_students(p: Preset, *, train_blocks: np.ndarray, heldout: torch.Tensor, 
     run_dir = os.path.join(out_dir, "runs")
     os.makedirs(run_dir, exist_ok=True)
     for name in (r for r in p.runs if r in STUDENT_RUNS):
-        if name.startswith("cache_") and not has_cache:
+        if (name.startswith("cache_") or name == "served_top20") and not has_cache:
             skipped[name] = "fastkd.TeacherCache / capture / sparse_kd_loss are not available in this build"
             say(f"[fastkd demo] skipping {name}: {skipped[name]}")
             continue
