@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch 2.13.0 is the CPU build; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-DEPS   := numpy pytest tqdm matplotlib scikit-build-core pybind11 ninja triton transformers tokenizers accelerate scikit-learn mnist1d
+DEPS   := numpy pytest tqdm matplotlib scikit-build-core pybind11 ninja triton transformers tokenizers accelerate scikit-learn mnist1d trl
 SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
 .PHONY: demo test bench venv clean
