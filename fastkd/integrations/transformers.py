@@ -107,7 +107,7 @@ def _head_rows(model: torch.nn.Module) -> Optional[int]:
     return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
-def _check_vocab_size(vocab_size, student, teacher, cache) -> Optional[int]:
+def _check_vocab_size(vocab_size, student, teacher, cache, owner: str = "KDTrainer") -> Optional[int]:
     """The trainer's ``vocab_size`` checked against the heads (and the cache) at construction, so a
     mismatch is reported before any training step, naming the argument that fixes it."""
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
@@ -121,7 +121,7 @@ def _check_vocab_size(vocab_size, student, teacher, cache) -> Optional[int]:
         if len(set(known.values())) > 1:
             raise ValueError(f"the student's LM head has {known['student']} rows but the teacher's has "
                              f"{known['teacher']}: pass vocab_size=<the tokenizer's vocabulary size, at most "
-                             f"{min(known.values())}> to KDTrainer so that only the first vocab_size rows "
+                             f"{min(known.values())}> to {owner} so that only the first vocab_size rows "
                              "of each head count")
         return None
     for who, n in known.items():

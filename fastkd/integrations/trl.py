@@ -213,7 +213,8 @@ class FastKDDistillationTrainer(_FastKDLoss, _TRLDistillationTrainer):
                           t2_scale=t2_scale, backend=backend, chunk_size=chunk_size, vocab_size=vocab_size)
         super().__init__(*args, **kwargs)
         check_trl_internals(self, kind="DistillationTrainer")
-        _check_vocab_size(vocab_size, self.model, self.accelerator.unwrap_model(self.teacher_model), None)
+        _check_vocab_size(vocab_size, self.model, self.accelerator.unwrap_model(self.teacher_model), None,
+                          owner=type(self).__name__)
 
     def _loss_temperature(self) -> float:
         return self.temperature if self._fastkd_temperature is None else self._fastkd_temperature
@@ -326,7 +327,7 @@ def _make_gkd_trainer():
             self._live_teacher = not cache_only
             _check_vocab_size(vocab_size, self.model,
                               self.accelerator.unwrap_model(self.teacher_model) if self._live_teacher else None,
-                              teacher_cache)
+                              teacher_cache, owner=type(self).__name__)
 
         def _loss_temperature(self) -> float:
             return 1.0 if self._fastkd_temperature is None else self._fastkd_temperature
