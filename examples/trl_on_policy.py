@@ -43,17 +43,17 @@ def corpus_text() -> str:
             if isinstance(doc, str) and len(doc) > 40 and (obj is mod or getattr(obj, "__module__", None) == name):
                 parts.append(doc)
     text = "\n".join(dict.fromkeys(parts)).lower()
-    text = "".join(c if c in CHARS else " " for c in text)
-    return " ".join(text.split(" "))
+    return "".join(c if c in CHARS else " " for c in text)
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(CHARS)}}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, [])), pad_token="<pad>",
-                                   eos_token="<eos>", padding_side="left")
+    tok = Tokenizer(models.BPE(vocab, []))  # no merges: one token per character
+    tok.decoder = decoders.Fuse()  # decoding joins the characters without separators
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", padding_side="left")
 
 
 def build_model(vocab: int, hidden: int, layers: int, seed: int, context: int):
