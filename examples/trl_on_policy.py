@@ -24,6 +24,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,8 +39,11 @@ def corpus_text() -> str:
     parts = []
     for name in MODULES:
         mod = importlib.import_module(name)
-        for obj in [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]:
-            doc = getattr(obj, "__doc__", None)
+        with warnings.catch_warnings():  # deprecated aliases (typing.io, ...) warn when looked up
+            warnings.simplefilter("ignore", DeprecationWarning)
+            members = [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]
+            docs = [(obj, getattr(obj, "__doc__", None)) for obj in [mod] + members]
+        for obj, doc in docs:
             if isinstance(doc, str) and len(doc) > 40 and (obj is mod or getattr(obj, "__module__", None) == name):
                 parts.append(doc)
     text = "\n".join(dict.fromkeys(parts)).lower()
