@@ -48,6 +48,7 @@ class _Cfg:
     params: KernelParams  # the same, as the fused kernels take them
     sparse: bool = False  # teacher given as a SparseTeacher (no teacher head)
     grad_enabled: bool = True  # False under no_grad: forward skips every gradient GEMM
+    entropy: bool = False  # forward also returns each row's student entropy
 
 
 def default_budget(device_type: str = "cpu") -> int:
@@ -141,6 +142,15 @@ def _colsum_acc(acc: torch.Tensor, d: torch.Tensor, first: bool) -> None:
         acc.add_(d.sum(0))
 
 
+def _entropy_rows(cfg: _Cfg, z: torch.Tensor) -> torch.Tensor:
+    """H(q) = logsumexp(s) − Σ softmax(s)·s per row, with s = softcap(z)/τ: the entropy of the student
+    softmax the soft term uses. Read before the kd kernel overwrites ``z`` with its gradient."""
+    st = cfg.settings
+    x = (z if st.softcap is None else torch.tanh(z / st.softcap) * st.softcap) / st.temperature
+    lse = torch.logsumexp(x, -1, keepdim=True)
+    return lse.squeeze(-1) - (torch.exp(x - lse) * x).sum(-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # The chunk loop (shared by forward and the recomputing backward of reduction="none")
 # ----------------------------------------------------------------------------------------------
@@ -188,11 +198,12 @@ def _sparse_chunk(cfg: _Cfg, z, sparse_rows, y, divisor, loss_out, need_dz: bool
 
 
 def _run(cfg: _Cfg, hs, ws, bs, teacher, wt, bt, y, divisor, *, grad_rows=None,
-         need=(True, True, True, False, False, False)):
+         need=(True, True, True, False, False, False), entropy_out=None):
     """One sweep over the row chunks.
 
     Returns (loss_rows, dHs, dWs, dbs, dHt, dWt, dbt); a gradient is None unless ``need`` asks for it.
     With ``grad_rows`` (N,), every row's gradient is multiplied by it (the backward of "none").
+    With ``entropy_out`` (N,), each row's student entropy (:func:`_entropy_rows`) is written into it.
     """
     n = hs.shape[0]
     V, acc, chunk = cfg.vocab, cfg.acc, cfg.chunk
@@ -225,6 +236,8 @@ def _run(cfg: _Cfg, hs, ws, bs, teacher, wt, bt, y, divisor, *, grad_rows=None,
         e = min(s + chunk, n)
         m = e - s
         z = _logits(zbuf[:m], hs_c[s:e], ws_c, bs_c)
+        if entropy_out is not None:
+            entropy_out[s:e] = _entropy_rows(cfg, z)
         yc = None if y is None else y[s:e]
         if cfg.sparse:
             dz = _sparse_chunk(cfg, z, teacher[s:e], yc, divisor, loss_rows[s:e], need_dz)
@@ -268,19 +281,23 @@ class _LinearKD(torch.autograd.Function):
         ctx.need = need
         ctx.spent = False
         ctx.in_dtypes = tuple(x.dtype if torch.is_tensor(x) else None for x in inputs)
+        # Each row's student entropy when asked for (a metric: no gradient), else an empty tensor.
+        entropy = torch.empty(hs.shape[0] if cfg.entropy else 0, dtype=cfg.acc, device=hs.device)
+        ctx.mark_non_differentiable(entropy)
+        ent_out = entropy if cfg.entropy else None
         with torch.autocast(hs.device.type, enabled=False):
             if cfg.reduce:
-                out = _run(cfg, hs, ws, bs, teacher, wt, bt, y, divisor, need=need)
+                out = _run(cfg, hs, ws, bs, teacher, wt, bt, y, divisor, need=need, entropy_out=ent_out)
                 ctx.save_for_backward(*out[1:])
-                return out[0].sum()
+                return out[0].sum(), entropy
             loss_rows, *_ = _run(cfg, hs, ws, bs, teacher, wt, bt, y, divisor,
-                                 need=(False,) * 6)
+                                 need=(False,) * 6, entropy_out=ent_out)
         ctx.sparse_teacher = teacher if cfg.sparse else None
         ctx.save_for_backward(hs, ws, bs, None if cfg.sparse else teacher, wt, bt, y, divisor)
-        return loss_rows
+        return loss_rows, entropy
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _entropy_grad=None):
         cfg = ctx.cfg
         if ctx.spent:
             raise RuntimeError("fastkd.fused_linear_kd_loss: backward through the same graph twice is "
@@ -362,7 +379,8 @@ def fused_linear_kd_loss(
     softcap: Optional[float] = None,
     num_items: Union[int, torch.Tensor, None] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_entropy: bool = False,
+):
     r"""KD loss through the LM heads, computed chunk by chunk over tokens so that the full (N, V)
     logits never exist.
 
@@ -393,6 +411,10 @@ def fused_linear_kd_loss(
         vocab_size: the shared vocabulary ``V`` when the heads differ in size (padded heads, e.g.
             151936 vs 152064): both heads are restricted to their first ``V`` rows.
         memory_budget: bytes for the chunk work buffers when ``chunk_size`` is None.
+        return_entropy: also return each row's student entropy ``H(q) = −Σ q·log q`` with
+            ``q = softmax(softcap(zs) / τ)`` (the distribution the soft term uses), float32 (float64 for
+            float64 students), shape ``(...)``, without gradient: a training metric (TRL logs it) that
+            costs one more pass over each chunk's logits and no GEMM.
         tail: SparseTeacher only: how the mass outside the stored ids is treated, as in
             :func:`fastkd.sparse_kd_loss` (``"bucket"``, ``"renorm"``, ``"sampled"``).
         temperature: τ of the soft term; None means 1.0, or the capture temperature of a SparseTeacher
@@ -406,7 +428,8 @@ def fused_linear_kd_loss(
     logits; gradients are accumulated in float32 and returned in each input's own dtype.
 
     Returns:
-        float32 loss (float64 for float64 students): a scalar, or ``(...)`` for ``reduction="none"``.
+        float32 loss (float64 for float64 students): a scalar, or ``(...)`` for ``reduction="none"``;
+        with ``return_entropy=True`` the pair ``(loss, entropy)``.
     """
     settings = kd_settings(allow_default_temperature=True, tail=tail, temperature=temperature,
                            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta, skew=skew,
@@ -460,6 +483,8 @@ def fused_linear_kd_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 1):
         raise ValueError(f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
     # τ: the capture temperature of a SparseTeacher (which its stored probabilities fix), else 1.
@@ -503,12 +528,15 @@ def fused_linear_kd_loss(
 
     cfg = _Cfg(vocab=vocab_size, chunk=chunk_size, backend=resolved, student_cdt=s_cdt,
                teacher_cdt=t_cdt, acc=acc, reduce=reduction != "none", settings=settings,
-               params=settings.kernel_params(), sparse=sparse, grad_enabled=torch.is_grad_enabled())
+               params=settings.kernel_params(), sparse=sparse, grad_enabled=torch.is_grad_enabled(),
+               entropy=return_entropy)
 
     if n == 0:  # nothing to distil: an empty batch gives 0 (or an empty "none"), still differentiable
         rows = (student_hidden.sum(-1) * 0).to(acc)
-        return rows if reduction == "none" else rows.sum()
+        out = rows if reduction == "none" else rows.sum()
+        return (out, rows.detach().reshape(lead_shape)) if return_entropy else out
 
     t_arg, wt_arg, bt_arg = (teacher, None, None) if sparse else (teacher, teacher_weight, teacher_bias)
-    out = _LinearKD.apply(cfg, hs, student_weight, student_bias, t_arg, wt_arg, bt_arg, y, divisor)
-    return out.reshape(lead_shape) if reduction == "none" else out
+    out, entropy = _LinearKD.apply(cfg, hs, student_weight, student_bias, t_arg, wt_arg, bt_arg, y, divisor)
+    out = out.reshape(lead_shape) if reduction == "none" else out
+    return (out, entropy.reshape(lead_shape)) if return_entropy else out

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,9 +174,11 @@ def current_api():
         ("fastkd", fastkd, [n for n in dir(fastkd) if not n.startswith("_")]),
         ("fastkd.distributed", fastkd.distributed, fastkd.distributed.__all__),
         ("fastkd.methods", fastkd.methods, fastkd.methods.__all__),
-        ("fastkd.integrations.transformers", hf, ["DistillationTrainer", "head_input_capture"]),
+        ("fastkd.integrations.transformers", hf, ["KDTrainer", "DistillationTrainer", "head_input_capture"]),
     ]:
-        api[modname] = {n: _describe(getattr(mod, n)) for n in sorted(names)}
+        with warnings.catch_warnings():  # DistillationTrainer: the deprecated name of KDTrainer
+            warnings.simplefilter("ignore", DeprecationWarning)
+            api[modname] = {n: _describe(getattr(mod, n)) for n in sorted(names)}
     api["fastkd"]["TeacherCacheError"] = _describe(fastkd.cache.TeacherCacheError)
     parser = fastkd.cli.build_parser()
     cli = {}
@@ -432,11 +435,11 @@ def _entry_points(tmp_path):
 
     def trainer(**kw):
         pytest.importorskip("transformers")
-        from fastkd.integrations.transformers import DistillationTrainer
+        from fastkd.integrations.transformers import KDTrainer
         from transformers import TrainingArguments
 
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-        return DistillationTrainer(model=torch.nn.Linear(2, 2), args=args, **kw)
+        return KDTrainer(model=torch.nn.Linear(2, 2), args=args, **kw)
 
     return {
         "kd_loss": lambda **kw: fastkd.kd_loss(z, t, y, **kw),

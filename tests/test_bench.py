@@ -131,6 +131,43 @@ def test_bench_linear_records(tmp_path):
     assert r["kd"] == {"temperature": 2.0, "hard_weight": 0.5, "beta": 0.0}
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_bench_linear_trl_provider_is_trls_loss_and_fastkds_without_t2(beta):
+    """The trl provider (TRL's chunked divergence) and the fastkd provider compute the same loss up
+    to fastkd's τ² (TRL has none) at hard_weight 0, with the same student gradients."""
+    pytest.importorskip("trl")
+    import torch
+
+    from fastkd.bench import linear as bench_linear
+
+    kd = dict(temperature=2.0, hard_weight=0.0, beta=beta)
+    got = {}
+    for prov in ("trl", "fastkd"):
+        hs, ws, ht, wt, y = bench_linear._inputs(48, 16, 300, torch.float32, "cpu", seed=3)
+        loss = bench_linear._make_step(prov, kd)(hs, ws, ht, wt, y)
+        loss.backward()
+        got[prov] = (loss.detach(), hs.grad, ws.grad)
+    for a, b in zip(got["trl"], got["fastkd"]):
+        torch.testing.assert_close(a * 4.0, b, rtol=2e-5, atol=1e-7)  # τ² = 4
+    assert got["trl"][0] > 1e-3
+
+
+def test_bench_linear_skips_trl_cleanly_without_it(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from fastkd.bench import linear as bench_linear
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    assert not bench_linear._available("trl", "cpu") and bench_linear._available("fastkd", "cpu")
+    out = tmp_path / "l.jsonl"
+    rc = main(["bench", "linear", "--n", "16", "--h", "8", "--v", "64", "--providers", "trl", "--repeat", "1",
+               "--out", str(out)])
+    assert rc == 0
+    assert "trl: not measured (needs trl)" in capsys.readouterr().out
+    assert not out.exists() or out.read_text() == ""
+
+
 def test_no_out_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc = main(["bench", "cache", "--n", "8", "--v", "256", "--k", "4", "--num-samples", "4", "--reps", "1",

@@ -1,4 +1,4 @@
-"""DistillationTrainer (fastkd.integrations.transformers) on tiny causal-LM configs."""
+"""KDTrainer (fastkd.integrations.transformers) on tiny causal-LM configs."""
 import os
 
 import pytest
@@ -10,7 +10,7 @@ pytest.importorskip("accelerate")
 
 import fastkd  # noqa: E402
 from fastkd._reference import kd as _reference  # noqa: E402
-from fastkd.integrations.transformers import DistillationTrainer, head_input_capture  # noqa: E402
+from fastkd.integrations.transformers import KDTrainer, head_input_capture  # noqa: E402
 
 V, T = 97, 12  # odd vocabulary and sequence length on purpose
 
@@ -101,7 +101,7 @@ def test_compute_loss_matches_reference_loss_and_grads(tmp_path, arch, kd):
     teacher = _gpt2(2, 24, 2) if arch == "gpt2" else _llama(2)
     data = _Data(3, seed=3)
     batch = {k: torch.stack([data[i][k] for i in range(3)]) for k in ("input_ids", "labels", "sample_id")}
-    trainer = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher, **kd)
+    trainer = KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher, **kd)
     student.train()
     loss = trainer.compute_loss(student, dict(batch))
     loss.backward()
@@ -121,8 +121,8 @@ def test_ce_only_and_hard_only_agree_with_the_models_own_loss(tmp_path):
     data = _Data(4, seed=4)
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "labels", "sample_id")}
     own = student(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-    plain = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data)
-    hard_only = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher,
+    plain = KDTrainer(model=student, args=_args(tmp_path), train_dataset=data)
+    hard_only = KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher,
                                     soft_weight=0.0, hard_weight=1.0)
     student.train()
     torch.testing.assert_close(plain.compute_loss(student, dict(batch)), own, rtol=1e-5, atol=1e-6)
@@ -132,7 +132,7 @@ def test_ce_only_and_hard_only_agree_with_the_models_own_loss(tmp_path):
 def _one_step(tmp_path, micro, accum, teacher, seed_model=7):
     student = _gpt2(1, 16, seed_model)
     data = _Data(4, seed=8)
-    trainer = DistillationTrainer(
+    trainer = KDTrainer(
         model=student, args=_args(tmp_path, per_device_train_batch_size=micro, gradient_accumulation_steps=accum),
         train_dataset=data, teacher=teacher, temperature=1.5, soft_weight=0.6, hard_weight=0.4)
     trainer.train()
@@ -155,7 +155,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 def test_evaluate_reports_the_students_own_heldout_ce(tmp_path):
     student, teacher = _gpt2(1, 16, 10), _gpt2(1, 16, 11)
     data = _Data(4, seed=12)
-    trainer = DistillationTrainer(model=student, args=_args(tmp_path, per_device_eval_batch_size=4),
+    trainer = KDTrainer(model=student, args=_args(tmp_path, per_device_eval_batch_size=4),
                                   train_dataset=data, eval_dataset=data, teacher=teacher)
     metrics = trainer.evaluate()
     x, y = data.x, data.y
@@ -168,15 +168,15 @@ def test_bad_arguments(tmp_path):
     student = _gpt2(1, 16, 0)
     data = _Data(2)
     with pytest.raises(TypeError, match="teacher"):
-        DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher="gpt2")
+        KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher="gpt2")
     with pytest.raises(ValueError, match="tail"):
-        DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=_gpt2(1, 16, 1),
+        KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=_gpt2(1, 16, 1),
                             tail="nope")
     with pytest.raises(ValueError, match="temperature"):
-        DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=_gpt2(1, 16, 1),
+        KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=_gpt2(1, 16, 1),
                             temperature=0.0)
     with pytest.raises(TypeError, match="teacher_cache"):
-        DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=_gpt2(1, 16, 1),
+        KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=_gpt2(1, 16, 1),
                             teacher_cache=object())
 
 
@@ -188,7 +188,7 @@ def test_teacher_cache_filled_on_the_fly_then_served_without_teacher(tmp_path, m
     data = _Data(4, seed=22)
     batch = {k: torch.stack([data[i][k] for i in (2, 0, 3)]) for k in ("input_ids", "labels", "sample_id")}
     cache = fastkd.TeacherCache(tmp_path / "cache", mode=mode, k=8, num_samples=16, vocab_size=V, sync=False)
-    trainer = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher,
+    trainer = KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher,
                                   teacher_cache=cache, soft_weight=0.8, hard_weight=0.2)
     student.train()
     first = trainer.compute_loss(student, dict(batch))
@@ -210,7 +210,7 @@ def test_teacher_cache_filled_on_the_fly_then_served_without_teacher(tmp_path, m
         torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
     # A filled cache alone is a teacher; a sample it lacks is a clear error.
-    cached_only = DistillationTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=cache,
+    cached_only = KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=cache,
                                       soft_weight=0.8, hard_weight=0.2)
     torch.testing.assert_close(cached_only.compute_loss(student, dict(batch)), second)
     other = {k: torch.stack([data[i][k] for i in (1,)]) for k in ("input_ids", "labels", "sample_id")}
@@ -230,7 +230,7 @@ def test_cached_training_loop_keeps_sample_ids_and_fills_once(tmp_path):
     teacher.register_forward_hook(lambda m, a, out: calls.append(1))
     data = _Data(8, seed=32)
     cache = fastkd.TeacherCache(tmp_path / "c2", mode="topk", k=4, vocab_size=V, sync=False)
-    trainer = DistillationTrainer(model=student, args=_args(tmp_path, max_steps=4, gradient_accumulation_steps=2,
+    trainer = KDTrainer(model=student, args=_args(tmp_path, max_steps=4, gradient_accumulation_steps=2,
                                                              per_device_train_batch_size=2),
                                   train_dataset=data, teacher=teacher, teacher_cache=cache)
     trainer.train()
@@ -247,7 +247,7 @@ def test_sampled_capture_leaves_the_global_rng_alone(tmp_path):
     for run in range(2):
         student, teacher = _gpt2(1, 16, 41), _gpt2(1, 16, 42)
         cache = fastkd.TeacherCache(tmp_path / f"s{run}", mode="sample", num_samples=16, vocab_size=V, sync=False)
-        trainer = DistillationTrainer(model=student, args=_args(tmp_path, seed=5), train_dataset=data,
+        trainer = KDTrainer(model=student, args=_args(tmp_path, seed=5), train_dataset=data,
                                       teacher=teacher, teacher_cache=cache, hard_weight=0.5, soft_weight=0.5)
         torch.manual_seed(123)
         before = torch.get_rng_state()
@@ -256,3 +256,67 @@ def test_sampled_capture_leaves_the_global_rng_alone(tmp_path):
         stored.append(cache.read(batch["sample_id"]))
         cache.close()
     assert torch.equal(stored[0].ids, stored[1].ids) and torch.equal(stored[0].counts, stored[1].counts)
+
+
+def test_vocab_size_counts_only_the_first_rows_of_padded_heads(tmp_path):
+    """Padded heads of different widths (a student head of V + 7 rows, a teacher head of V + 3): with
+    vocab_size=V the loss is the reference on each model's first V logits, and the padding rows of
+    the student's head get exactly zero gradient."""
+    student, teacher = _llama(50, vocab=V + 7), _llama(51, vocab=V + 3)
+    data = _Data(3, seed=52)
+    batch = {k: torch.stack([data[i][k] for i in range(3)]) for k in ("input_ids", "labels", "sample_id")}
+    kd = dict(temperature=2.0, soft_weight=0.6, hard_weight=0.4)
+    with pytest.raises(ValueError, match=r"pass vocab_size=.*to KDTrainer"):
+        KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher, **kd)
+    with pytest.raises(ValueError, match=r"vocab_size=101 exceeds the 100 rows of the teacher"):
+        KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher, vocab_size=V + 4)
+    trainer = KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher, vocab_size=V, **kd)
+    student.train()
+    loss = trainer.compute_loss(student, dict(batch))
+    loss.backward()
+    head_grad = student.lm_head.weight.grad.clone()
+    student.zero_grad(set_to_none=True)
+
+    class _Sliced(torch.nn.Module):  # the reference sees only the first V logits of each model
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **kw):
+            out = self.model(**kw)
+            out.logits = out.logits[..., :V]
+            return out
+
+    ref = _reference_loss(_Sliced(student), _Sliced(teacher), batch, **kd)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head_grad[:V].double(), student.lm_head.weight.grad[:V].double(), rtol=1e-4, atol=1e-6)
+    assert head_grad[:V].abs().max() > 0 and torch.all(head_grad[V:] == 0)
+
+    # A TeacherCache filled on the fly stores the teacher's first V logits only.
+    kd = dict(soft_weight=0.6, hard_weight=0.4)  # at the capture temperature, 1
+    cache = fastkd.TeacherCache(tmp_path / "pad", mode="topk", k=8, vocab_size=V, sync=False)
+    cached = KDTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher=teacher, teacher_cache=cache,
+                       vocab_size=V, **kd)
+    got = cached.compute_loss(student, dict(batch))
+    zt = teacher(input_ids=batch["input_ids"]).logits[:, :-1, :V].float()
+    stored = cache.read(batch["sample_id"])
+    want = fastkd.capture(zt, k=8)
+    assert stored.vocab_size == V and torch.equal(stored.ids, want.ids)
+    torch.testing.assert_close(stored.values.float(), want.values.float(), rtol=0, atol=2e-3)
+    zs = student(input_ids=batch["input_ids"]).logits[:, :-1, :V]
+    torch.testing.assert_close(got, fastkd.sparse_kd_loss(zs, stored, batch["labels"][:, 1:], backend="torch", **kd),
+                               rtol=1e-5, atol=1e-6)
+    cache.close()
+
+
+def test_the_former_name_still_imports_with_a_deprecation_warning():
+    import fastkd.integrations.transformers as hf
+
+    with pytest.warns(DeprecationWarning, match="KDTrainer"):
+        old = hf.DistillationTrainer
+    assert old is KDTrainer
+    with pytest.warns(DeprecationWarning):
+        from fastkd.integrations.transformers import DistillationTrainer  # noqa: F401
+    with pytest.raises(AttributeError):
+        hf.NoSuchTrainer

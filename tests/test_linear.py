@@ -584,3 +584,30 @@ def test_cuda_matches_reference(dtype):
     got = (got[0].cpu(), [None if g is None else g.float().cpu() for g in got[1]])
     # bf16 inputs: the logits themselves are exact products of bf16 values accumulated in float32
     assert_matches(got, ref, rtol=2e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_return_entropy_is_the_student_softmax_entropy(reduction, softcap):
+    """return_entropy gives each row's entropy of softmax(softcap(zs)/τ) over the first vocab_size
+    logits, with the loss and its gradients unchanged; against a SparseTeacher too."""
+    tensors, y = make_problem(23, 16, 12, 41, 45, seed=21, ignore_every=4)
+    hs, ws, bs, ht, wt, bt = tensors
+    kw = dict(temperature=1.7, hard_weight=0.2, divergence="jsd", beta=0.3, softcap=softcap, vocab_size=40,
+              reduction=reduction, chunk_size=7, student_bias=bs, teacher_bias=bt)
+    loss, ent = fused_linear_kd_loss(hs, ws, ht, wt, y.clamp_max(39), return_entropy=True, **kw)
+    plain = fused_linear_kd_loss(hs, ws, ht, wt, y.clamp_max(39), **kw)
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    assert ent.shape == (23,) and not ent.requires_grad and loss.requires_grad
+    zs = (hs.detach().double() @ ws.detach().double()[:40].T + bs.detach().double()[:40])
+    if softcap is not None:
+        zs = softcap * torch.tanh(zs / softcap)
+    logq = torch.log_softmax(zs / 1.7, -1)
+    want = -(logq.exp() * logq).sum(-1)
+    torch.testing.assert_close(ent.double(), want, rtol=1e-5, atol=1e-6)
+    st = fastkd.capture((ht.detach() @ wt.detach()[:40].T).float(), k=5, temperature=1.7)
+    _, ent_sparse = fused_linear_kd_loss(hs, ws, st, None, y.clamp_max(39), student_bias=bs, chunk_size=7,
+                                         temperature=1.7, return_entropy=True)
+    logq = torch.log_softmax((hs.detach().double() @ ws.detach().double()[:40].T
+                              + bs.detach().double()[:40]) / 1.7, -1)
+    torch.testing.assert_close(ent_sparse.double(), -(logq.exp() * logq).sum(-1), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
-"""Benchmark of fastkd.fused_linear_kd_loss against the unfused idiom, its torch.compile, and
-liger-kernel's fused linear JSD (when importable), plus the bare GEMMs as the speed-of-light line.
+"""Benchmark of fastkd.fused_linear_kd_loss against the unfused idiom, its torch.compile,
+liger-kernel's fused linear JSD and TRL's chunked divergence (each when importable), plus the bare
+GEMMs as the speed-of-light line.
 
 Each (provider, size, mode) runs in a fresh subprocess. After one warm-up call (which also compiles),
 the peak is reset and the next call is measured: on CPU the growth of the peak resident set (VmHWM
@@ -12,6 +13,7 @@ bound by its GEMMs, not by memory.
 
     fastkd bench linear                          # CPU: float32, N=4096, H=512, V=32000
     fastkd bench linear --device cuda --dtype bfloat16 --n 8192 --h 2048 4096 --v 32000 128256
+    fastkd bench linear --providers fastkd trl --beta 0.5 --hard-weight 0   # against TRL's loss
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ import time
 from . import common
 
 MODULE = "fastkd.bench.linear"
-SUMMARY = "fused linear kd loss vs the unfused idiom, torch.compile, liger and the bare GEMMs"
-PROVIDERS = ("fastkd", "fastkd_torch", "unfused", "compiled", "liger", "gemms")
+SUMMARY = "fused linear kd loss vs the unfused idiom, torch.compile, liger, TRL and the bare GEMMs"
+PROVIDERS = ("fastkd", "fastkd_torch", "unfused", "compiled", "liger", "trl", "gemms")
 
 
 def add_arguments(ap: argparse.ArgumentParser, default_out=None) -> None:
@@ -111,6 +113,18 @@ def _make_step(provider, kd):
 
         def step(hs, ws, ht, wt, y):
             return mod(hs, ws, ht, wt, y)
+        return step
+    if provider == "trl":
+        # TRL's chunked generalized JSD (trl.DistillationTrainer's loss): β = 0 forward KL, else JSD,
+        # at temperature T without τ² and without a hard-label term (compare with --hard-weight 0);
+        # the mean over the counted rows, masked as TRL does where it projects every position.
+        from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+        def step(hs, ws, ht, wt, y):
+            keep = y != -100
+            div, _entropy = ChunkedDivergenceFunction.apply(hs, ws, None, ht, wt, None, beta, T, 1.0, None, 1.0,
+                                                            None)
+            return div.masked_fill(~keep, 0).sum() / keep.sum().clamp_min(1)
         return step
     if provider == "gemms":
         # The matmuls any exact method must do: the 2 logit GEMMs, then dH = dZ @ W_s and
@@ -220,13 +234,12 @@ def _env_info(device):
 
 
 def _available(provider, device):
-    if provider == "liger":
-        if device != "cuda":
-            return False
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("liger_kernel") is None:
-            return False
+    if provider == "liger":
+        return device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    if provider == "trl":
+        return importlib.util.find_spec("trl") is not None
     return True
 
 
@@ -264,6 +277,9 @@ def run(args) -> int:
     jobs = [(n, h, v, mode, prov) for n in ns for h in hs for v in vs for mode in args.modes
             for prov in args.providers if _available(prov, args.device)]
     bar = common.Progress(len(jobs), "bench linear")
+    for prov in args.providers:
+        if not _available(prov, args.device):
+            bar.write(f"{prov}: not measured (needs {'trl' if prov == 'trl' else 'liger-kernel and CUDA'})")
     bar.write(f"{'provider':>13} {'mode':>7} {'N':>6} {'H':>5} {'V':>7} {'median ms':>10} {'peak MB':>9} {'GB/s':>7}")
     records = []
     for n, h, v, mode, prov in jobs:

@@ -1,6 +1,6 @@
 """Student runs at one common budget, each measured (held-out loss, perplexity, ECE, tokens/s, peak
 memory, cache bytes/token) and its result cached under ``<out_dir>/runs/<run>-<key>.json``. Every run
-trains through :class:`fastkd.integrations.transformers.DistillationTrainer`."""
+trains through :class:`fastkd.integrations.transformers.KDTrainer`."""
 from __future__ import annotations
 
 import dataclasses
@@ -146,7 +146,7 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
     from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from ..integrations.transformers import DistillationTrainer
+    from ..integrations.transformers import KDTrainer
     from .models import build_model, n_params
 
     hf_logging.set_verbosity_error()
@@ -186,7 +186,7 @@ def run_student(name: str, preset: Preset, *, train_blocks: np.ndarray, heldout:
                           **dict(kd, temperature=1.0))
     else:
         raise ValueError(f"unknown run {name!r}")
-    trainer = DistillationTrainer(model=student, args=args, train_dataset=BlockDataset(train_blocks),
+    trainer = KDTrainer(model=student, args=args, train_dataset=BlockDataset(train_blocks),
                                   callbacks=[cb], **trainer_kw)
     cpu0 = time.process_time()
     trainer.train()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from typing import Any, Dict, Optional
 
 import torch
@@ -36,7 +37,7 @@ def head_input_capture(model: torch.nn.Module):
     head = get() if callable(get) else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(model).__name__} has no output embedding (LM head) with a weight; "
-                        "DistillationTrainer needs a causal-LM model such as *ForCausalLM")
+                        "KDTrainer needs a causal-LM model such as *ForCausalLM")
     store = []
 
     def _capture(hidden, *args, **kwargs):
@@ -61,7 +62,78 @@ def _forward_to_head(model: torch.nn.Module, head_owner: torch.nn.Module, inputs
     return store[0], head.weight, getattr(head, "bias", None)
 
 
-class DistillationTrainer(Trainer):
+def shifted_teacher_logits(teacher: torch.nn.Module, inputs: Dict[str, Any], rows: Optional[torch.Tensor] = None,
+                           vocab_size: Optional[int] = None) -> torch.Tensor:
+    """The teacher's logits ``(b, T-1, V)`` in float32 for the sequences ``rows`` of the batch (all if
+    None), from the first ``vocab_size`` rows of its head: what a :class:`fastkd.TeacherCache`
+    captures, so the teacher runs only on the sequences not stored yet."""
+    if rows is not None:
+        rows = rows.to(inputs["input_ids"].device)
+        inputs = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        h, w, b = _forward_to_head(teacher, teacher, inputs)
+        if vocab_size is not None:
+            w, b = w[:vocab_size], None if b is None else b[:vocab_size]
+        z = torch.nn.functional.linear(h[:, :-1], w, b)
+    return z.float()
+
+
+def cached_teacher(cache, teacher: Optional[torch.nn.Module], inputs: Dict[str, Any],
+                   sample_ids: Optional[torch.Tensor], *, vocab_size: Optional[int], device,
+                   generator: Optional[torch.Generator], sample_id_key: str = "sample_id"):
+    """The :class:`fastkd.SparseTeacher` rows ``(b, T-1)`` of a batch from ``cache``: read where stored;
+    with a live ``teacher``, the missing sequences are captured (through :func:`shifted_teacher_logits`,
+    drawing from ``generator`` for a sampled cache) and stored first; without one, a missing sample is
+    an error naming the fix."""
+    if sample_ids is None:
+        raise ValueError(f"a TeacherCache needs each batch to carry `{sample_id_key}` "
+                         "(one integer sample index per sequence)")
+    ids = sample_ids.reshape(-1).to("cpu", torch.long)
+    if teacher is not None:
+        return cache.get_or_capture(ids, lambda rows: shifted_teacher_logits(teacher, inputs, rows, vocab_size),
+                                    device=device, generator=generator)
+    missing = cache.missing(ids)
+    if missing:
+        raise ValueError(f"{len(missing)} samples of this batch (e.g. {missing[:4]}) are not in the "
+                         f"TeacherCache at {cache.path}; pass the teacher model too "
+                         "(teacher=model, teacher_cache=cache) to fill it on the fly")
+    return cache.read(ids, device=device)
+
+
+def _head_rows(model: torch.nn.Module) -> Optional[int]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
+
+
+def _check_vocab_size(vocab_size, student, teacher, cache, owner: str = "KDTrainer") -> Optional[int]:
+    """The trainer's ``vocab_size`` checked against the heads (and the cache) at construction, so a
+    mismatch is reported before any training step, naming the argument that fixes it."""
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    rows = {"student": _head_rows(student)}
+    if teacher is not None:
+        rows["teacher"] = _head_rows(teacher)
+    known = {k: v for k, v in rows.items() if v is not None}
+    if vocab_size is None:
+        if len(set(known.values())) > 1:
+            raise ValueError(f"the student's LM head has {known['student']} rows but the teacher's has "
+                             f"{known['teacher']}: pass vocab_size=<the tokenizer's vocabulary size, at most "
+                             f"{min(known.values())}> to {owner} so that only the first vocab_size rows "
+                             "of each head count")
+        return None
+    for who, n in known.items():
+        if vocab_size > n:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the {n} rows of the {who}'s LM head")
+    cache_vocab = None if cache is None else (getattr(cache, "manifest", None) or {}).get("vocab_size")
+    if cache_vocab is not None and cache_vocab != vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} must equal the TeacherCache's vocab_size {cache_vocab}")
+    return vocab_size
+
+
+class KDTrainer(Trainer):
     r"""``transformers.Trainer`` whose training loss is fastkd's fused knowledge-distillation loss.
 
     For a causal LM with labels ``y`` (shape ``(B, T)``, ``-100`` ignored), student head input
@@ -69,10 +141,11 @@ class DistillationTrainer(Trainer):
     micro-batch equals::
 
         fastkd.fused_linear_kd_loss(h_s[:, :-1], W_s, h_t[:, :-1], W_t, y[:, 1:],
-                                    student_bias=b_s, teacher_bias=b_t,
+                                    student_bias=b_s, teacher_bias=b_t, vocab_size=vocab_size,
                                     num_items=num_items_in_batch, **kd_settings)
 
-    i.e. ``kd_loss(h_s[:, :-1] @ W_s.T + b_s, h_t[:, :-1] @ W_t.T + b_t, y[:, 1:])`` with "mean" over
+    i.e. with ``V = vocab_size`` (default: the common number of head rows)
+    ``kd_loss(h_s[:, :-1] @ W_s[:V].T + b_s[:V], h_t[:, :-1] @ W_t[:V].T + b_t[:V], y[:, 1:])`` with "mean" over
     the non-ignored tokens of the whole gradient-accumulation step (``num_items_in_batch``), so the
     accumulated gradient equals the gradient of one large batch. With a ``TeacherCache`` the teacher
     term is the cached sparse teacher of each row (``tail`` picks how the rest of the vocabulary is
@@ -89,6 +162,11 @@ class DistillationTrainer(Trainer):
             backend: passed to the fastkd loss (see :func:`fastkd.kd_loss`).
         tail: for a cached teacher: ``"bucket"`` (top-k cache), ``"sampled"`` (sampled cache) or
             ``"renorm"``; None picks ``"sampled"`` for a sampled cache and ``"bucket"`` otherwise.
+        vocab_size: the vocabulary ``V`` when the LM heads have more rows than the tokenizer has
+            tokens (padded heads, e.g. 152064 rows for a 151936- or 151665-token vocabulary): only the
+            first ``V`` rows of each model's head count, so the softmaxes run over ``V`` entries and the
+            padding rows get zero gradient. Student and teacher heads may differ in size; None requires
+            them to be equal. With a ``TeacherCache`` it must equal the cache's ``vocab_size``.
         chunk_size: token rows per chunk of the fused linear loss (None: from a memory budget).
         sample_id_key: the batch key holding each sequence's integer sample index (cache key); it
             is removed from the batch before the model sees it.
@@ -99,7 +177,8 @@ class DistillationTrainer(Trainer):
                  soft_weight: float = 1.0, hard_weight: float = 0.0, divergence: str = "forward_kl",
                  beta: float = 0.5, skew: float = 0.1, label_smoothing: float = 0.0, t2_scale: bool = True,
                  softcap: Optional[float] = None, backend: str = "auto", tail: Optional[str] = None,
-                 chunk_size: Optional[int] = None, sample_id_key: str = "sample_id", **kwargs):
+                 chunk_size: Optional[int] = None, sample_id_key: str = "sample_id",
+                 vocab_size: Optional[int] = None, **kwargs):
         cache_cls = getattr(fastkd, "TeacherCache", None)
         if cache_cls is not None and isinstance(teacher, cache_cls):
             if teacher_cache is not None:
@@ -127,6 +206,7 @@ class DistillationTrainer(Trainer):
         self.tail = tail
         self.chunk_size = chunk_size
         self.sample_id_key = sample_id_key
+        self.vocab_size = _check_vocab_size(vocab_size, self.model, teacher, teacher_cache)
         # Sampled captures draw from their own generator (seeded from args.seed): drawing from the
         # global RNG would shift the data order of later epochs (the sampler seeds itself from it),
         # so a cached run would no longer see the batches of the runs it is compared with.
@@ -162,34 +242,13 @@ class DistillationTrainer(Trainer):
         manifest = getattr(self.teacher_cache, "manifest", None) or {}
         return "sampled" if manifest.get("mode") == "sample" else "bucket"
 
-    def _teacher_logits(self, inputs: Dict[str, Any], rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Shifted teacher logits ``(b, T-1, V)`` in float32 of the sequences ``rows`` (all if None);
-        only for filling the cache, so the teacher runs on just the sequences it has not stored."""
-        if rows is not None:
-            rows = rows.to(inputs["input_ids"].device)
-            inputs = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in inputs.items()}
-        with torch.no_grad():
-            h, w, b = _forward_to_head(self.teacher, self.teacher, inputs)
-            z = torch.nn.functional.linear(h[:, :-1], w, b)
-        return z.float()
-
     def _sparse_teacher(self, sample_ids: Optional[torch.Tensor], inputs: Dict[str, Any]):
-        if sample_ids is None:
-            raise ValueError(f"a TeacherCache needs each batch to carry `{self.sample_id_key}` "
-                             "(one integer sample index per sequence)")
-        ids = sample_ids.reshape(-1).to("cpu", torch.long)
-        if self.teacher is not None:
-            if self._capture_generator is None:
-                dev = inputs["input_ids"].device
-                self._capture_generator = torch.Generator(device=dev).manual_seed(int(self.args.seed) + 7919)
-            return self.teacher_cache.get_or_capture(ids, lambda rows: self._teacher_logits(inputs, rows),
-                                                     device=self.args.device, generator=self._capture_generator)
-        missing = self.teacher_cache.missing(ids)
-        if missing:
-            raise ValueError(f"{len(missing)} samples of this batch (e.g. {missing[:4]}) are not in the "
-                             f"TeacherCache at {self.teacher_cache.path}; pass the teacher model too "
-                             "(teacher=model, teacher_cache=cache) to fill it on the fly")
-        return self.teacher_cache.read(ids, device=self.args.device)
+        if self.teacher is not None and self._capture_generator is None:
+            dev = inputs["input_ids"].device
+            self._capture_generator = torch.Generator(device=dev).manual_seed(int(self.args.seed) + 7919)
+        return cached_teacher(self.teacher_cache, self.teacher, inputs, sample_ids, vocab_size=self.vocab_size,
+                              device=self.args.device, generator=self._capture_generator,
+                              sample_id_key=self.sample_id_key)
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -205,7 +264,7 @@ class DistillationTrainer(Trainer):
                 self.model_accepts_loss_kwargs = accepts
         labels = inputs.pop("labels", None)
         if labels is None:
-            raise ValueError("DistillationTrainer needs `labels` in each batch (use -100 for ignored tokens)")
+            raise ValueError("KDTrainer needs `labels` in each batch (use -100 for ignored tokens)")
         unwrapped = self.accelerator.unwrap_model(model)
         h_s, w_s, b_s = _forward_to_head(model, unwrapped, inputs)
         target = labels[:, 1:]
@@ -220,7 +279,7 @@ class DistillationTrainer(Trainer):
             teacher_kw = {"teacher_bias": b_t}
         loss = fastkd.fused_linear_kd_loss(
             h_s[:, :-1], w_s, teacher_side[0], teacher_side[1], target, student_bias=b_s,
-            chunk_size=self.chunk_size, num_items=num_items_in_batch, reduction="mean", **teacher_kw, **kd)
+            chunk_size=self.chunk_size, vocab_size=self.vocab_size, num_items=num_items_in_batch, reduction="mean", **teacher_kw, **kd)
         # With num_items_in_batch the loss is already divided by the whole accumulation step's token
         # count; otherwise it is this micro-batch's mean and the Trainer divides by the step count.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
@@ -228,3 +287,13 @@ class DistillationTrainer(Trainer):
             # num_items_in_batch counts every rank's tokens while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
         return (loss, None) if return_outputs else loss
+
+
+def __getattr__(name: str):
+    # The trainer's former name: importing it still works, with a DeprecationWarning.
+    if name == "DistillationTrainer":
+        warnings.warn("fastkd.integrations.transformers.DistillationTrainer is now KDTrainer (the old name "
+                      "is the same class, kept for compatibility); fastkd's trainers on top of TRL's "
+                      "are in fastkd.integrations.trl", DeprecationWarning, stacklevel=2)
+        return KDTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
