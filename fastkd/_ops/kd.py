@@ -203,3 +203,24 @@ class _KDInplace(torch.autograd.Function):
 
 def kd_rows_inplace(student, teacher, target, divisor, settings: KDSettings, *, backend: str) -> torch.Tensor:
     return _KDInplace.apply(student, teacher, target, divisor, settings.kernel_params(), backend)
+
+
+def register_student_gradient_autograd(op: str, num_inputs: int = 5) -> None:
+    """Autograd for an op that returns ``(loss (N,), grad (N, V))``, ``grad`` the gradient of the
+    per-row loss with respect to its first input (the student) and no other input differentiable:
+    backward scales ``grad`` by the incoming per-row gradient (:func:`scale_rows`)."""
+    def setup_context(ctx, inputs, keyword_only_inputs, output):
+        _, grad = output
+        ctx.backend = keyword_only_inputs["backend"]
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, g_loss, _g_grad):
+        (grad,) = ctx.saved_tensors
+        rest = (None,) * (num_inputs - 1)
+        if g_loss is None:
+            return (None, *rest)
+        return (scale_rows(grad, g_loss, ctx.backend), *rest)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)

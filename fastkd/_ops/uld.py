@@ -8,7 +8,7 @@ import torch
 
 from .._backends import registry
 from .._settings import acc_dtype
-from .kd import scale_rows
+from .kd import register_student_gradient_autograd
 
 
 @torch.library.custom_op("fastkd::uld", mutates_args=())
@@ -34,22 +34,7 @@ def _(student, head, tail, cols, divisor, *, temperature, scale, backend):
     return loss, torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    _, grad = output
-    ctx.backend = keyword_only_inputs["backend"]
-    ctx.save_for_backward(grad)
-    ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, g_loss, _g_grad):
-    (grad,) = ctx.saved_tensors
-    if g_loss is None:
-        return None, None, None, None, None
-    return scale_rows(grad, g_loss, ctx.backend), None, None, None, None
-
-
-torch.library.register_autograd("fastkd::uld", _backward, setup_context=_setup_context)
+register_student_gradient_autograd("fastkd::uld")
 
 
 def uld_rows(student, head, tail, cols, divisor, *, temperature: float, scale: float, backend: str) -> torch.Tensor:

@@ -198,8 +198,7 @@ def run_cross_runs(p: Preset, data, *, teacher, teacher_key: str, cache_dir: str
     """Every cross-tokenizer run of ``p.runs`` (results cached like the main runs'), or None if there
     is none. Returns ``{"student_vocab", "num_matched", "teacher_bpc", "runs": {name: result}}``."""
     from .dataset import data_dir
-    from .runs import run_key
-    from .storage import load_json, save_json
+    from .runs import cached_run
     from .tokenizer import train_tokenizer
 
     names = [r for r in p.runs if r in XT_RUNS]
@@ -211,19 +210,10 @@ def run_cross_runs(p: Preset, data, *, teacher, teacher_key: str, cache_dir: str
         f"its {data.vocab_size}-entry one")
     prep = prepare(p, teacher=teacher, teacher_tokenizer=data.tokenizer, student_tokenizer=s_tok,
                    transfer=data.transfer, heldout=data.heldout, device=device)
-    run_dir = os.path.join(out_dir, "runs")
-    os.makedirs(run_dir, exist_ok=True)
-    results: Dict[str, Dict] = {}
-    for name in names:
-        rpath = os.path.join(run_dir, f"{name}-{run_key(p, name, teacher_key, device)}.json")
-        if os.path.exists(rpath) and not force:
-            results[name] = load_json(rpath)
-            say(f"[fastkd demo] {XT_LABELS[name]}: cached result (use --force to rerun)")
-            continue
-        say(f"[fastkd demo] student run: {XT_LABELS[name]}")
-        t0 = time.perf_counter()
-        results[name] = run(name, p, prep, device=device, eval_every=p.eval_every, progress=progress)
-        results[name]["wall_seconds"] = time.perf_counter() - t0
-        save_json(results[name], rpath)
+    results = {name: cached_run(p, name, XT_LABELS[name], teacher_key=teacher_key, device=device, out_dir=out_dir,
+                                force=force, say=say,
+                                train=lambda name=name: run(name, p, prep, device=device, eval_every=p.eval_every,
+                                                            progress=progress))
+               for name in names}
     return {"student_vocab": prep["student_vocab"], "teacher_vocab": data.vocab_size,
             "num_matched": prep["vocab_map"].num_matched, "teacher_bpc": prep["teacher_bpc"], "runs": results}

@@ -76,6 +76,19 @@ def markdown_table(runs: Dict[str, Dict], comps: Dict[str, Dict]) -> str:
     return "\n".join(rows)
 
 
+def _save(fig, ax, path: str) -> str:
+    """A plot's grid, legend and layout, written to ``path`` (PNG) and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_losses(runs: Dict[str, Dict], path: str, title: str, teacher_loss: Optional[float] = None) -> str:
     import matplotlib
 
@@ -95,13 +108,7 @@ def plot_losses(runs: Dict[str, Dict], path: str, title: str, teacher_loss: Opti
     starts = [r["history"][min(1, len(r["history"]) - 1)]["loss"] for r in runs.values()]
     lo = min(finals + ([teacher_loss] if teacher_loss is not None else []))
     ax.set_ylim(lo - 0.1, max(starts) + 0.1)  # the step-0 point (log V) would flatten the curves
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 # ---- the cross-tokenizer runs (held-out bits per character) -------------------------------------
@@ -150,10 +157,4 @@ def plot_bits_per_char(xt: Dict, path: str, title: str) -> str:
     ax.set_xlabel("optimizer step (same budget for every run)")
     ax.set_ylabel("held-out bits per character")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)

@@ -230,6 +230,24 @@ def run_key(p: Preset, name: str, teacher_key: str, device: torch.device) -> str
     return cache_key(settings, name, teacher_key, fastkd.__version__, str(device))
 
 
+def cached_run(p: Preset, name: str, label: str, *, teacher_key: str, device: torch.device, out_dir: str,
+               force: bool, say: Callable[[str], None], train: Callable[[], Dict]) -> Dict:
+    """One run's result: read from ``<out_dir>/runs/<name>-<key>.json`` unless ``force``, otherwise
+    ``train()``'s, with its wall time added, saved there."""
+    run_dir = os.path.join(out_dir, "runs")
+    os.makedirs(run_dir, exist_ok=True)
+    rpath = os.path.join(run_dir, f"{name}-{run_key(p, name, teacher_key, device)}.json")
+    if os.path.exists(rpath) and not force:
+        say(f"[fastkd demo] {label}: cached result (use --force to rerun)")
+        return load_json(rpath)
+    say(f"[fastkd demo] student run: {label}")
+    t0 = time.perf_counter()
+    result = train()
+    result["wall_seconds"] = time.perf_counter() - t0
+    save_json(result, rpath)
+    return result
+
+
 def has_teacher_cache() -> bool:
     """Whether this build of fastkd has what the cached runs need."""
     return all(hasattr(fastkd, n) for n in ("TeacherCache", "capture", "sparse_kd_loss"))
@@ -243,23 +261,15 @@ def run_students(p: Preset, *, train_blocks: np.ndarray, heldout: torch.Tensor, 
     has_cache = has_teacher_cache()
     results: Dict[str, Dict] = {}
     skipped: Dict[str, str] = {}
-    run_dir = os.path.join(out_dir, "runs")
-    os.makedirs(run_dir, exist_ok=True)
     for name in (r for r in p.runs if r in STUDENT_RUNS):
         if (name.startswith("cache_") or name == "served_top20") and not has_cache:
             skipped[name] = "fastkd.TeacherCache / capture / sparse_kd_loss are not available in this build"
             say(f"[fastkd demo] skipping {name}: {skipped[name]}")
             continue
-        rpath = os.path.join(run_dir, f"{name}-{run_key(p, name, teacher_key, device)}.json")
-        if os.path.exists(rpath) and not force:
-            results[name] = load_json(rpath)
-            say(f"[fastkd demo] {RUN_LABELS[name]}: cached result (use --force to rerun)")
-            continue
-        say(f"[fastkd demo] student run: {RUN_LABELS[name]}")
-        t0 = time.perf_counter()
-        results[name] = run_student(name, p, train_blocks=train_blocks, heldout=heldout, teacher=teacher,
-                                    teacher_name=f"demo-teacher-{teacher_key}", dataset_fp=dataset_fp,
-                                    work_dir=out_dir, device=device, progress=progress)
-        results[name]["wall_seconds"] = time.perf_counter() - t0
-        save_json(results[name], rpath)
+        results[name] = cached_run(
+            p, name, RUN_LABELS[name], teacher_key=teacher_key, device=device, out_dir=out_dir, force=force,
+            say=say, train=lambda name=name: run_student(
+                name, p, train_blocks=train_blocks, heldout=heldout, teacher=teacher,
+                teacher_name=f"demo-teacher-{teacher_key}", dataset_fp=dataset_fp, work_dir=out_dir,
+                device=device, progress=progress))
     return results, skipped
